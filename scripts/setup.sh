@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Installs everything the project needs on a fresh Debian machine (run as root):
+# system packages, uv, and the Python environment at /opt/telepresence-dev/venv, which lives
+# outside root's home so that devcluster's unprivileged laptop user and its pods can use it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+packages=(nftables dnsmasq-base sudo dnsutils iproute2 procps psmisc util-linux python3-venv curl ca-certificates)
+missing=()
+for p in "${packages[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+if ((${#missing[@]})); then
+  echo "setup: installing ${missing[*]}" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+command -v go >/dev/null || { echo "setup: Go is needed to build the cluster binaries (golang 1.26+)" >&2; exit 1; }
+
+if ! command -v uv >/dev/null; then
+  echo "setup: installing uv" >&2
+  python3 -m pip install --quiet uv
+fi
+export UV_PROJECT_ENVIRONMENT=/opt/telepresence-dev/venv
+uv sync --frozen --python /usr/bin/python3 --quiet
+chmod 755 /opt/telepresence-dev

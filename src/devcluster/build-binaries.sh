@@ -1,0 +1,142 @@
+#!/usr/bin/env bash
+# Builds the devcluster binaries from Go modules the module proxy serves, and caches
+# them by version under $DEVCLUSTER_CACHE (default ~/.cache/devcluster). A component
+# whose binaries are present is never rebuilt. Progress goes to stderr.
+set -euo pipefail
+
+K8S_VERSION=${DEVCLUSTER_K8S_VERSION:-v1.36.3}
+ETCD_VERSION=${DEVCLUSTER_ETCD_VERSION:-v3.6.16}
+KWOK_VERSION=${DEVCLUSTER_KWOK_VERSION:-v0.8.0}
+COREDNS_VERSION=${DEVCLUSTER_COREDNS_VERSION:-v1.14.7}
+CACHE=${DEVCLUSTER_CACHE:-$HOME/.cache/devcluster}
+
+export GOMODCACHE=$CACHE/go/mod GOCACHE=$CACHE/go/build
+export GOTOOLCHAIN=local GOFLAGS=-mod=mod GOWORK=off CGO_ENABLED=0 GOPROXY=${GOPROXY:-https://proxy.golang.org}
+export GONOSUMDB= GOFLAGS=-mod=mod
+TAGS=selinux,notest,grpcnotrace
+START=$(date +%s)
+
+say() { echo "devcluster build [$(( $(date +%s) - START ))s] $*" >&2; }
+
+# Runs a long command while printing a heartbeat, so a cold build visibly progresses.
+with_progress() {
+  local what=$1; shift
+  "$@" &
+  local pid=$!
+  while kill -0 "$pid" 2>/dev/null; do
+    sleep 30 &
+    wait $! || true
+    kill -0 "$pid" 2>/dev/null && say "$what: still building"
+  done
+  wait "$pid"
+}
+
+build_kubernetes() {
+  local out=$CACHE/bin/kubernetes-$K8S_VERSION
+  if [[ -x $out/kube-apiserver && -x $out/kubectl && -x $out/kube-controller-manager && -x $out/kube-scheduler && -x $out/kwok ]]; then
+    say "kubernetes $K8S_VERSION + kwok $KWOK_VERSION: cached in $out"; return
+  fi
+  local mod=$CACHE/src/kubernetes-$K8S_VERSION
+  mkdir -p "$mod" "$out"
+  local gomod
+  gomod=$(cd "$mod" && go mod download -json "k8s.io/kubernetes@$K8S_VERSION" | python3 -c 'import json,sys; print(json.load(sys.stdin)["GoMod"])')
+  local minor=${K8S_VERSION#v1.}; minor=${minor%%.*}
+  local patch=${K8S_VERSION##*.}
+  {
+    echo "module devcluster.local/kubernetes"
+    echo
+    echo "go 1.26.0"
+    echo
+    echo "require k8s.io/kubernetes $K8S_VERSION"
+    echo "require sigs.k8s.io/kwok $KWOK_VERSION"
+    echo
+    # Every staging module k8s.io/X is replaced by its published tag v0.<minor>.<patch>.
+    grep -E '^\s*k8s\.io/[a-z0-9-]+ => \./staging/' "$gomod" | awk -v v="v0.$minor.$patch" '{print "replace " $1 " => " $1 " " v}'
+  } > "$mod/go.mod"
+  cat > "$mod/tools.go" <<'GO'
+//go:build tools
+
+package tools
+
+import (
+	_ "k8s.io/kubernetes/cmd/kube-apiserver"
+	_ "k8s.io/kubernetes/cmd/kube-controller-manager"
+	_ "k8s.io/kubernetes/cmd/kube-scheduler"
+	_ "k8s.io/kubernetes/cmd/kubectl"
+	_ "sigs.k8s.io/kwok/cmd/kwok"
+)
+GO
+  say "kubernetes $K8S_VERSION: resolving modules"
+  (cd "$mod" && go mod tidy -e >/dev/null 2>&1 || true)
+  local date; date=$(date -u +%Y-%m-%dT%H:%M:%SZ)
+  local ld="-s -w"
+  for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+    ld+=" -X $pkg.gitVersion=$K8S_VERSION -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor -X $pkg.gitTreeState=clean -X $pkg.buildDate=$date"
+  done
+  for cmd in kube-apiserver kube-controller-manager kube-scheduler kubectl; do
+    say "kubernetes $K8S_VERSION: building $cmd"
+    (cd "$mod" && with_progress "$cmd" go build -trimpath -tags "$TAGS" -ldflags "$ld" -o "$out/$cmd.tmp" "k8s.io/kubernetes/cmd/$cmd")
+    mv "$out/$cmd.tmp" "$out/$cmd"
+  done
+  say "kwok $KWOK_VERSION: building"
+  (cd "$mod" && with_progress kwok go build -trimpath -tags "$TAGS" -ldflags "-s -w" -o "$out/kwok.tmp" sigs.k8s.io/kwok/cmd/kwok)
+  mv "$out/kwok.tmp" "$out/kwok"
+  say "kubernetes $K8S_VERSION + kwok: done"
+}
+
+build_etcd() {
+  local out=$CACHE/bin/etcd-$ETCD_VERSION
+  if [[ -x $out/etcd ]]; then say "etcd $ETCD_VERSION: cached"; return; fi
+  local mod=$CACHE/src/etcd-$ETCD_VERSION
+  mkdir -p "$mod" "$out"
+  (cd "$mod" && { [[ -f go.mod ]] || go mod init devcluster.local/etcd >/dev/null 2>&1; } && go get "go.etcd.io/etcd/server/v3@$ETCD_VERSION" >/dev/null 2>&1)
+  say "etcd $ETCD_VERSION: building"
+  (cd "$mod" && with_progress etcd go build -trimpath -ldflags "-s -w" -o "$out/etcd.tmp" go.etcd.io/etcd/server/v3)
+  mv "$out/etcd.tmp" "$out/etcd"
+}
+
+build_coredns() {
+  local out=$CACHE/bin/coredns-$COREDNS_VERSION
+  if [[ -x $out/coredns ]]; then say "coredns $COREDNS_VERSION: cached"; return; fi
+  local mod=$CACHE/src/coredns-$COREDNS_VERSION
+  mkdir -p "$mod" "$out"
+  cat > "$mod/main.go" <<'GO'
+// A CoreDNS with only the plugins devcluster uses, so it builds without every cloud SDK.
+package main
+
+import (
+	"github.com/coredns/coredns/core/dnsserver"
+	"github.com/coredns/coredns/coremain"
+
+	_ "github.com/coredns/coredns/plugin/bind"
+	_ "github.com/coredns/coredns/plugin/cache"
+	_ "github.com/coredns/coredns/plugin/errors"
+	_ "github.com/coredns/coredns/plugin/forward"
+	_ "github.com/coredns/coredns/plugin/hosts"
+	_ "github.com/coredns/coredns/plugin/kubernetes"
+	_ "github.com/coredns/coredns/plugin/log"
+	_ "github.com/coredns/coredns/plugin/template"
+)
+
+// The order in which plugins handle a query, as in CoreDNS's plugin.cfg.
+var directives = []string{"bind", "errors", "log", "cache", "template", "hosts", "kubernetes", "forward"}
+
+func init() { dnsserver.Directives = directives }
+
+func main() { coremain.Run() }
+GO
+  (cd "$mod" && { [[ -f go.mod ]] || go mod init devcluster.local/coredns >/dev/null 2>&1; } && go get "github.com/coredns/coredns@$COREDNS_VERSION" >/dev/null 2>&1 && go mod tidy >/dev/null 2>&1)
+  say "coredns $COREDNS_VERSION: building"
+  (cd "$mod" && with_progress coredns go build -trimpath -ldflags "-s -w" -o "$out/coredns.tmp" .)
+  mv "$out/coredns.tmp" "$out/coredns"
+}
+
+what=${1:-all}
+case $what in
+  all) build_etcd; build_coredns; build_kubernetes ;;
+  kubernetes) build_kubernetes ;;
+  etcd) build_etcd ;;
+  coredns) build_coredns ;;
+  *) echo "usage: $0 [all|kubernetes|etcd|coredns]" >&2; exit 2 ;;
+esac
+say "binaries ready in $CACHE/bin"

@@ -1,0 +1,201 @@
+"""The namespaces and links of devcluster's data plane.
+
+Topology (routed veths; no bridge, so every hop is an explicit route):
+
+    laptop (198.51.100.2) --veth-- node (198.51.100.1; 192.0.2.1 on lo) --veth-- external
+                                    |  \\-- veth per pod (pod IP /32, gateway 169.254.1.1)
+                                    \\-- toolbox (10.244.255.254, for `devcluster pod`)
+
+The node namespace holds the control plane, ClusterIP rules and CoreDNS. The laptop reaches
+the API server port and nothing else; the external host is reachable from pods only.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from devcluster.settings import (
+    EXTERNAL_NS,
+    LAPTOP_NS,
+    NODE_NS,
+    POD_NS_PREFIX,
+    TOOLBOX_NS,
+    Addresses,
+)
+from devcluster.system import ip, netns_names, nft, run, sysctl
+
+__all__ = ["add_pod", "create_base", "destroy_all", "netns_names", "remove_pod"]
+
+NETNS_ETC = Path("/etc/netns")
+
+
+def _link(
+    *,
+    node_side: str,
+    peer_ns: str,
+    peer_ip: str,
+    peer_prefix: int,
+    node_ip: str | None,
+    gateway: str,
+) -> None:
+    """A veth from the node namespace into peer_ns, with routes both ways."""
+    ip(
+        "link",
+        "add",
+        node_side,
+        "netns",
+        NODE_NS,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth0",
+        "netns",
+        peer_ns,
+    )
+    if node_ip:
+        ip("addr", "add", f"{node_ip}/{peer_prefix}", "dev", node_side, netns=NODE_NS)
+    ip("link", "set", node_side, "up", netns=NODE_NS)
+    ip("addr", "add", f"{peer_ip}/{peer_prefix}", "dev", "eth0", netns=peer_ns)
+    ip("link", "set", "lo", "up", netns=peer_ns)
+    ip("link", "set", "eth0", "up", netns=peer_ns)
+    if node_ip is None:
+        # Pod-style: a /32 on the pod side, reached through the node's gateway address.
+        ip("route", "add", f"{peer_ip}/32", "dev", node_side, netns=NODE_NS)
+        ip("route", "add", gateway, "dev", "eth0", "scope", "link", netns=peer_ns)
+        ip("route", "add", "default", "via", gateway, "dev", "eth0", netns=peer_ns)
+
+
+def write_resolv_conf(netns: str, *, nameserver: str, search: list[str], ndots: int) -> None:
+    """`ip netns exec` bind-mounts /etc/netns/NAME/resolv.conf over /etc/resolv.conf."""
+    folder = NETNS_ETC / netns
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = [f"nameserver {nameserver}"]
+    if search:
+        lines.append("search " + " ".join(search))
+    lines.append(f"options ndots:{ndots}")
+    (folder / "resolv.conf").write_text("\n".join(lines) + "\n")
+
+
+def create_base(addr: Addresses) -> None:
+    """The node, laptop, external and toolbox namespaces and their links."""
+    for name in (NODE_NS, LAPTOP_NS, EXTERNAL_NS, TOOLBOX_NS):
+        ip("netns", "add", name)
+    ip("link", "set", "lo", "up", netns=NODE_NS)
+    ip("addr", "add", f"{addr.node_ip}/32", "dev", "lo", netns=NODE_NS)
+    # The pods' gateway is a local address of the node, so the node answers ARP for it on
+    # every pod veth (arp_ignore=0) and routes onwards.
+    ip("addr", "add", f"{addr.pod_gateway}/32", "dev", "lo", netns=NODE_NS)
+    sysctl("net.ipv4.ip_forward", "1", netns=NODE_NS)
+
+    # Laptop: a /30 link; its only route into the cluster is the node's address.
+    _link(
+        node_side="dc-laptop",
+        peer_ns=LAPTOP_NS,
+        peer_ip=str(addr.laptop_link_laptop),
+        peer_prefix=30,
+        node_ip=str(addr.laptop_link_node),
+        gateway="",
+    )
+    ip("route", "add", f"{addr.node_ip}/32", "via", str(addr.laptop_link_node), netns=LAPTOP_NS)
+    ip("addr", "add", f"{addr.laptop_resolver}/32", "dev", "lo", netns=LAPTOP_NS)
+
+    # External host: reachable from the node (so from pods), never from the laptop.
+    _link(
+        node_side="dc-external",
+        peer_ns=EXTERNAL_NS,
+        peer_ip=str(addr.external_ip),
+        peer_prefix=30,
+        node_ip=str(addr.external_link_node),
+        gateway="",
+    )
+    ip("route", "add", "default", "via", str(addr.external_link_node), netns=EXTERNAL_NS)
+
+    _link(
+        node_side="dc-toolbox",
+        peer_ns=TOOLBOX_NS,
+        peer_ip=str(addr.toolbox_ip),
+        peer_prefix=32,
+        node_ip=None,
+        gateway=str(addr.pod_gateway),
+    )
+    write_resolv_conf(
+        TOOLBOX_NS,
+        nameserver=str(addr.dns_service_ip),
+        search=["default.svc.cluster.local", "svc.cluster.local", "cluster.local"],
+        ndots=5,
+    )
+    write_resolv_conf(LAPTOP_NS, nameserver=str(addr.laptop_resolver), search=["lan"], ndots=1)
+
+    # The laptop may open the API server port and nothing else in the cluster.
+    nft(
+        f"""
+table ip devcluster-edge {{
+  chain input {{
+    type filter hook input priority filter; policy accept;
+    iifname "dc-laptop" ct state established,related accept
+    iifname "dc-laptop" ip daddr {addr.node_ip} tcp dport {addr.api_port} accept
+    iifname "dc-laptop" counter reject with icmp type admin-prohibited
+  }}
+  chain forward {{
+    type filter hook forward priority filter; policy accept;
+    iifname "dc-laptop" counter reject with icmp type admin-prohibited
+    oifname "dc-laptop" ct state established,related accept
+    oifname "dc-laptop" counter reject with icmp type admin-prohibited
+  }}
+}}
+""",
+        netns=NODE_NS,
+    )
+
+
+def pod_netns_name(uid: str) -> str:
+    return POD_NS_PREFIX + uid[:13]
+
+
+def pod_veth_name(uid: str) -> str:
+    return "dcp" + uid.replace("-", "")[:12]
+
+
+def add_pod(*, uid: str, pod_ip: str, addr: Addresses, resolv_search: list[str]) -> str:
+    """A network namespace for a pod, with its IP; returns the namespace name."""
+    name = pod_netns_name(uid)
+    if name not in netns_names():
+        ip("netns", "add", name)
+        _link(
+            node_side=pod_veth_name(uid),
+            peer_ns=name,
+            peer_ip=pod_ip,
+            peer_prefix=32,
+            node_ip=None,
+            gateway=str(addr.pod_gateway),
+        )
+    write_resolv_conf(name, nameserver=str(addr.dns_service_ip), search=resolv_search, ndots=5)
+    return name
+
+
+def remove_pod(uid: str) -> None:
+    name = pod_netns_name(uid)
+    # Deleting the namespace destroys the veth pair and, with it, the node-side route.
+    ip("netns", "del", name, check=False)
+    folder = NETNS_ETC / name
+    if folder.exists():
+        for f in folder.iterdir():
+            f.unlink()
+        folder.rmdir()
+
+
+def destroy_all() -> None:
+    """Every namespace devcluster made, including pod namespaces left by a crashed run."""
+    for name in netns_names():
+        if name.startswith("dc-"):
+            # Processes still inside keep a namespace alive; kill them first.
+            pids = run(["ip", "netns", "pids", name], check=False).stdout.split()
+            if pids:
+                run(["kill", "-9", *pids], check=False)
+            ip("netns", "del", name, check=False)
+    if NETNS_ETC.exists():
+        for folder in NETNS_ETC.glob("dc-*"):
+            for f in folder.iterdir():
+                f.unlink()
+            folder.rmdir()

@@ -1,0 +1,5 @@
+"""Entry point of the traffic manager image."""
+
+from telepresence.manager.server import main
+
+main()

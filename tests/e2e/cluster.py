@@ -1,0 +1,140 @@
+"""A handle on devcluster for tests: run commands in the laptop, a pod, or as cluster admin."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from devcluster.settings import Settings
+
+T = TypeVar("T")
+
+
+def wait_for(
+    check: Callable[[], T | None], *, timeout: float, what: str, interval: float = 0.1
+) -> T:
+    """Polls `check` until it returns something truthy, or fails naming `what`."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while True:
+        try:
+            result = check()
+            if result:
+                return result
+            last = result
+        except Exception as e:
+            last = e
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
+        time.sleep(interval)
+
+
+@dataclass
+class Cluster:
+    settings: Settings = field(default_factory=Settings)
+
+    def devcluster(
+        self, *args: str, timeout: float = 1800, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run(
+            [sys.executable, "-m", "devcluster.cli", *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+        if check and proc.returncode != 0:
+            raise AssertionError(
+                f"devcluster {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}"
+            )
+        return proc
+
+    def _run(
+        self, argv: list[str], *, input: str | None, timeout: float, check: bool
+    ) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run(
+            argv, input=input, capture_output=True, text=True, timeout=timeout, check=False
+        )
+        if check and proc.returncode != 0:
+            raise AssertionError(
+                f"{' '.join(argv)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
+            )
+        return proc
+
+    def laptop(
+        self,
+        *cmd: str,
+        root: bool = False,
+        input: str | None = None,
+        timeout: float = 60,
+        check: bool = True,
+    ) -> subprocess.CompletedProcess[str]:
+        """CMD in the laptop namespace, as the laptop's unprivileged user unless root."""
+        flags = ["--root"] if root else []
+        return self._run(
+            [sys.executable, "-m", "devcluster.cli", "laptop", *flags, "--", *cmd],
+            input=input,
+            timeout=timeout,
+            check=check,
+        )
+
+    def pod(
+        self, *cmd: str, input: str | None = None, timeout: float = 60, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
+        """CMD inside the cluster network, as a pod would run it."""
+        return self._run(
+            [sys.executable, "-m", "devcluster.cli", "pod", "--", *cmd],
+            input=input,
+            timeout=timeout,
+            check=check,
+        )
+
+    def kubectl(
+        self, *args: str, input: str | None = None, timeout: float = 60, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
+        """kubectl as cluster admin (from the node namespace)."""
+        s = self.settings
+        argv = [
+            "ip",
+            "netns",
+            "exec",
+            "dc-node",
+            str(s.binary("kubectl")),
+            f"--kubeconfig={s.paths.admin_kubeconfig}",
+            *args,
+        ]
+        return self._run(argv, input=input, timeout=timeout, check=check)
+
+    def apply(self, manifest: str) -> None:
+        self.kubectl("apply", "-f", "-", input=manifest)
+
+    def get(self, *args: str) -> Any:
+        return json.loads(self.kubectl("get", "-o", "json", *args).stdout)
+
+    def rollout(self, name: str, namespace: str, timeout: int = 120) -> None:
+        self.kubectl(
+            "rollout",
+            "status",
+            f"deployment/{name}",
+            "-n",
+            namespace,
+            f"--timeout={timeout}s",
+            timeout=timeout + 10,
+        )
+
+    def ready_pods(self, namespace: str, selector: str) -> list[dict[str, Any]]:
+        pods = self.get("pods", "-n", namespace, "-l", selector)["items"]
+        return [
+            p
+            for p in pods
+            if not p["metadata"].get("deletionTimestamp")
+            and any(
+                c["type"] == "Ready" and c["status"] == "True"
+                for c in p.get("status", {}).get("conditions", [])
+            )
+        ]
