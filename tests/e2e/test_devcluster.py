@@ -1,0 +1,495 @@
+"""devcluster behaves like a real cluster: API, RBAC, pod security, pods, services, DNS,
+port-forward, and a laptop that reaches the API server and nothing else."""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import json
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from devcluster.fixtures import http_app_manifest, to_yaml
+from devcluster.images.http import pattern_bytes
+from devcluster.network import pod_netns_name
+from tests.e2e.cluster import Cluster, wait_for
+
+NS = "dc-test"
+VENV_PYTHON = "/opt/telepresence-dev/venv/bin/python"
+
+
+@pytest.fixture(scope="module")
+def web(cluster: Cluster) -> list[dict[str, object]]:
+    """Two replicas of the HTTP image behind a ClusterIP Service `web` in dc-test."""
+    cluster.kubectl("create", "namespace", NS, check=False)
+    cluster.apply(http_app_manifest(name="web", namespace=NS, replicas=2))
+    cluster.rollout("web", NS)
+    return wait_for(
+        lambda: (pods := cluster.ready_pods(NS, "app=web")) and len(pods) == 2 and pods,
+        timeout=60,
+        what="two ready web pods",
+    )
+
+
+def test_kubectl_from_the_laptop_reports_the_built_version(cluster: Cluster) -> None:
+    version = json.loads(cluster.laptop("kubectl", "version", "-o", "json").stdout)
+    assert version["serverVersion"]["gitVersion"].startswith("v1.36.")
+    assert version["clientVersion"]["gitVersion"].startswith("v1.36.")
+
+
+def test_rbac_denies_what_a_restricted_service_account_lacks(cluster: Cluster) -> None:
+    ns = "dc-rbac"
+    cluster.kubectl("create", "namespace", ns, check=False)
+    cluster.kubectl("create", "serviceaccount", "viewer", "-n", ns, check=False)
+    cluster.kubectl(
+        "create", "role", "pod-reader", "--verb=get,list", "--resource=pods", "-n", ns, check=False
+    )
+    cluster.kubectl(
+        "create",
+        "rolebinding",
+        "viewer-reads-pods",
+        "--role=pod-reader",
+        f"--serviceaccount={ns}:viewer",
+        "-n",
+        ns,
+        check=False,
+    )
+    token = cluster.kubectl("create", "token", "viewer", "-n", ns).stdout.strip()
+    as_viewer = [
+        "env",
+        "KUBECONFIG=/dev/null",
+        "kubectl",
+        f"--server={cluster.settings.addresses.api_url}",
+        "--insecure-skip-tls-verify",
+        f"--token={token}",
+        "-n",
+        ns,
+    ]
+    allowed = cluster.laptop(*as_viewer, "get", "pods", check=False)
+    assert allowed.returncode == 0, allowed.stderr
+    denied = cluster.laptop(*as_viewer, "get", "secrets", check=False)
+    assert denied.returncode != 0
+    assert "forbidden" in denied.stderr.lower()
+
+
+def test_restricted_pod_security_rejects_a_privileged_pod(cluster: Cluster) -> None:
+    ns = "dc-restricted"
+    cluster.apply(
+        to_yaml(
+            [
+                {
+                    "apiVersion": "v1",
+                    "kind": "Namespace",
+                    "metadata": {
+                        "name": ns,
+                        "labels": {"pod-security.kubernetes.io/enforce": "restricted"},
+                    },
+                }
+            ]
+        )
+    )
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "privileged", "namespace": ns},
+        "spec": {
+            "containers": [
+                {
+                    "name": "c",
+                    "image": "devcluster.local/http-server:1.0",
+                    "securityContext": {"privileged": True},
+                }
+            ]
+        },
+    }
+    result = cluster.kubectl("apply", "-f", "-", input=to_yaml([pod]), check=False)
+    assert result.returncode != 0
+    assert "violates PodSecurity" in result.stderr
+
+
+def test_replicas_get_distinct_pod_ips_and_the_service_reaches_both(
+    cluster: Cluster, web: list[dict[str, object]]
+) -> None:
+    ips = {p["status"]["podIP"] for p in web}  # type: ignore[index]
+    names = {p["metadata"]["name"] for p in web}  # type: ignore[index]
+    assert len(ips) == 2
+    assert all(ipaddress.ip_address(ip) in ipaddress.ip_network("10.244.0.0/16") for ip in ips)
+    cluster_ip = cluster.get("service", "web", "-n", NS)["spec"]["clusterIP"]
+    for target in (f"web.{NS}", cluster_ip):
+        seen: set[str] = set()
+
+        def both_answered(target: str = target, seen: set[str] = seen) -> bool:
+            out = cluster.pod("curl", "-sf", "-m", "3", f"http://{target}:8080/").stdout
+            seen.add(out.strip())
+            return seen == names
+
+        wait_for(both_answered, timeout=30, what=f"answers from both pods through {target}")
+
+
+def test_each_pod_answers_on_its_own_ip(cluster: Cluster, web: list[dict[str, object]]) -> None:
+    for pod in web:
+        ip = pod["status"]["podIP"]  # type: ignore[index]
+        out = cluster.pod("curl", "-sf", "-m", "3", f"http://{ip}:8080/").stdout
+        assert out.strip() == pod["metadata"]["name"]  # type: ignore[index]
+
+
+def test_selector_less_service_with_manual_endpoints_reaches_the_external_host(
+    cluster: Cluster,
+) -> None:
+    cluster.kubectl("create", "namespace", NS, check=False)
+    ext = str(cluster.settings.addresses.external_ip)
+    cluster.apply(
+        to_yaml(
+            [
+                {
+                    "apiVersion": "v1",
+                    "kind": "Service",
+                    "metadata": {"name": "extdb", "namespace": NS},
+                    "spec": {"ports": [{"port": 8080, "targetPort": 80}]},
+                },
+                {
+                    "apiVersion": "discovery.k8s.io/v1",
+                    "kind": "EndpointSlice",
+                    "metadata": {
+                        "name": "extdb-1",
+                        "namespace": NS,
+                        "labels": {"kubernetes.io/service-name": "extdb"},
+                    },
+                    "addressType": "IPv4",
+                    "ports": [{"port": 80, "protocol": "TCP", "name": ""}],
+                    "endpoints": [{"addresses": [ext]}],
+                },
+            ]
+        )
+    )
+    out = wait_for(
+        lambda: cluster.pod("curl", "-sf", "-m", "3", f"http://extdb.{NS}:8080/").stdout,
+        timeout=30,
+        what="the external host through a selector-less service",
+    )
+    assert out.strip() == cluster.settings.addresses.external_name
+
+
+def test_external_name_service_resolves_through_cluster_dns(cluster: Cluster) -> None:
+    cluster.kubectl("create", "namespace", NS, check=False)
+    a = cluster.settings.addresses
+    cluster.apply(
+        to_yaml(
+            [
+                {
+                    "apiVersion": "v1",
+                    "kind": "Service",
+                    "metadata": {"name": "extname", "namespace": NS},
+                    "spec": {"type": "ExternalName", "externalName": a.external_name},
+                }
+            ]
+        )
+    )
+    out = wait_for(
+        lambda: (
+            cluster.pod("getent", "hosts", f"extname.{NS}.svc.cluster.local", check=False).stdout
+        ),
+        timeout=30,
+        what="the ExternalName service to resolve",
+    )
+    assert out.split()[0] == str(a.external_ip)
+    # The external host's name is cluster DNS's, not the laptop's.
+    assert cluster.laptop("getent", "hosts", a.external_name, check=False).returncode != 0
+
+
+def test_headless_service_returns_every_ready_pod(
+    cluster: Cluster, web: list[dict[str, object]]
+) -> None:
+    cluster.apply(
+        to_yaml(
+            [
+                {
+                    "apiVersion": "v1",
+                    "kind": "Service",
+                    "metadata": {"name": "web-headless", "namespace": NS},
+                    "spec": {
+                        "clusterIP": "None",
+                        "selector": {"app": "web"},
+                        "ports": [{"port": 8080}],
+                    },
+                }
+            ]
+        )
+    )
+    expected = sorted(p["status"]["podIP"] for p in web)  # type: ignore[index]
+
+    def answer() -> list[str] | None:
+        out = cluster.pod("dig", "+short", f"web-headless.{NS}.svc.cluster.local").stdout
+        found = sorted(out.split())
+        return found if found == expected else None
+
+    wait_for(answer, timeout=30, what="every ready pod IP in the headless answer")
+    assert cluster.get("service", "web-headless", "-n", NS)["spec"]["clusterIP"] == "None"
+
+
+PORT_FORWARD_SCRIPT = """
+import asyncio, hashlib, json, sys
+import aiohttp
+from telepresence.k8s import kubeconfig
+from telepresence.k8s.portforward import PortForward
+
+async def main(namespace, pod, size):
+    access = kubeconfig.load()
+    async with aiohttp.ClientSession() as session:
+        pf = await PortForward.open(session, access, namespace=namespace, pod=pod, port=8080)
+        request = f"GET /bytes/{size} HTTP/1.1\\r\\nHost: x\\r\\nConnection: close\\r\\n\\r\\n"
+        await pf.send(request.encode())
+        buf = bytearray()
+        while b"\\r\\n\\r\\n" not in buf:
+            buf += await pf.receive()
+        head, _, body = bytes(buf).partition(b"\\r\\n\\r\\n")
+        digest = hashlib.sha256(body)
+        got = len(body)
+        while got < size:
+            chunk = await pf.receive()
+            if not chunk:
+                break
+            digest.update(chunk)
+            got += len(chunk)
+        await pf.close()
+    print(json.dumps({"status": head.split(b"\\r\\n")[0].decode(), "bytes": got,
+                      "sha256": digest.hexdigest()}))
+
+asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3])))
+"""
+
+
+def test_python_port_forward_through_the_api_server_moves_50mb_intact(
+    cluster: Cluster, web: list[dict[str, object]]
+) -> None:
+    size = 50 * 1024 * 1024
+    pod = web[0]["metadata"]["name"]  # type: ignore[index]
+    out = cluster.laptop(
+        VENV_PYTHON, "-c", PORT_FORWARD_SCRIPT, NS, pod, str(size), timeout=120
+    ).stdout
+    result = json.loads(out)
+    assert result["status"] == "HTTP/1.1 200 OK"
+    assert result["bytes"] == size
+    assert result["sha256"] == hashlib.sha256(pattern_bytes(size)).hexdigest()
+
+
+def test_kubectl_port_forward_from_the_laptop_reaches_the_pod(
+    cluster: Cluster, web: list[dict[str, object]]
+) -> None:
+    pod = web[1]["metadata"]["name"]  # type: ignore[index]
+    script = f"""
+kubectl port-forward -n {NS} pod/{pod} 18080:8080 >/dev/null 2>&1 &
+pf=$!
+trap 'kill $pf' EXIT
+for i in $(seq 1 100); do
+  if out=$(curl -sf -m 2 http://127.0.0.1:18080/); then echo "$out"; exit 0; fi
+  sleep 0.1
+done
+exit 1
+"""
+    out = cluster.laptop("sh", "-c", script, timeout=60).stdout
+    assert out.strip() == pod
+
+
+def test_the_laptop_reaches_the_api_server_and_nothing_else(
+    cluster: Cluster, web: list[dict[str, object]]
+) -> None:
+    assert cluster.laptop("kubectl", "get", "--raw", "/readyz").stdout.strip() == "ok"
+    cluster_ip = cluster.get("service", "web", "-n", NS)["spec"]["clusterIP"]
+    pod_ip = web[0]["status"]["podIP"]  # type: ignore[index]
+    dns_ip = str(cluster.settings.addresses.dns_service_ip)
+    for url in (
+        f"http://{cluster_ip}:8080/",
+        f"http://{pod_ip}:8080/",
+        f"http://{dns_ip}:53/",
+        f"http://{cluster.settings.addresses.external_ip}/",
+    ):
+        started = time.monotonic()
+        result = cluster.laptop("curl", "-s", "-m", "10", url, check=False)
+        assert result.returncode != 0, f"the laptop reached {url}"
+        assert time.monotonic() - started < 3, f"{url} did not fail at once"
+    for name in (f"web.{NS}.svc.cluster.local", f"web.{NS}", "kubernetes.default"):
+        started = time.monotonic()
+        assert cluster.laptop("getent", "hosts", name, check=False).returncode != 0
+        assert time.monotonic() - started < 3, f"{name} did not fail at once"
+
+
+def test_the_laptop_resolves_non_cluster_names_through_its_own_resolver(
+    cluster: Cluster,
+) -> None:
+    out = cluster.laptop("getent", "hosts", "www.example.test").stdout
+    assert out.split()[0] == str(cluster.settings.addresses.laptop_link_laptop)
+    dig = cluster.laptop("dig", "+short", "www.example.test").stdout
+    assert dig.strip() == str(cluster.settings.addresses.laptop_link_laptop)
+
+
+def test_a_pod_gets_what_a_kubelet_gives(cluster: Cluster) -> None:
+    """Service-account files, env, resolv.conf and the user it asked for."""
+    ns = "dc-kubelet"
+    cluster.kubectl("create", "namespace", ns, check=False)
+    cluster.apply(
+        to_yaml(
+            [
+                {
+                    "apiVersion": "v1",
+                    "kind": "Pod",
+                    "metadata": {"name": "probe", "namespace": ns},
+                    "spec": {
+                        "securityContext": {"runAsUser": 4242, "runAsGroup": 4242},
+                        "containers": [
+                            {
+                                "name": "main",
+                                "image": "devcluster.local/http-server:1.0",
+                                "args": ["--port", "8080"],
+                                "ports": [{"containerPort": 8080}],
+                            }
+                        ],
+                    },
+                }
+            ]
+        )
+    )
+    wait_for(lambda: cluster.ready_pods(ns, ""), timeout=60, what="the probe pod to be ready")
+    pod = cluster.get("pod", "probe", "-n", ns)
+    out = cluster.pod("curl", "-sf", "-m", "3", f"http://{pod['status']['podIP']}:8080/").stdout
+    assert out.strip() == "probe"
+
+    # Look at the container process from the host, as it sees itself.
+    netns = pod_netns_name(pod["metadata"]["uid"])
+    pids = subprocess.run(
+        ["ip", "netns", "pids", netns], capture_output=True, text=True, check=True
+    ).stdout.split()
+    pid = next(
+        p for p in pids if b"devcluster.images.http" in Path(f"/proc/{p}/cmdline").read_bytes()
+    )
+    status = Path(f"/proc/{pid}/status").read_text()
+    assert re.search(r"^Uid:\s+4242\s", status, re.M), status
+    environ = dict(
+        item.split("=", 1)
+        for item in Path(f"/proc/{pid}/environ").read_bytes().decode().split("\0")
+        if "=" in item
+    )
+    assert environ["KUBERNETES_SERVICE_HOST"] == "10.96.0.1"
+    assert environ["KUBERNETES_SERVICE_PORT"] == "443"
+    assert environ["HOSTNAME"] == "probe"
+    root = Path(f"/proc/{pid}/root")
+    resolv = (root / "etc/resolv.conf").read_text()
+    assert "nameserver 10.96.0.10" in resolv
+    assert f"search {ns}.svc.cluster.local svc.cluster.local cluster.local" in resolv
+    # /var/run is a symlink to /run, which would resolve in our root, not the process's.
+    sa = root / "run/secrets/kubernetes.io/serviceaccount"
+    assert (sa / "namespace").read_text() == ns
+    assert "BEGIN CERTIFICATE" in (sa / "ca.crt").read_text()
+    token = (sa / "token").read_text()
+    whoami = cluster.pod(
+        "env",
+        "KUBECONFIG=/dev/null",
+        str(cluster.settings.binary("kubectl")),
+        "--server=https://10.96.0.1",
+        f"--certificate-authority={sa / 'ca.crt'}",
+        f"--token={token}",
+        "auth",
+        "whoami",
+        "-o",
+        "json",
+    ).stdout
+    assert json.loads(whoami)["status"]["userInfo"]["username"] == (
+        f"system:serviceaccount:{ns}:default"
+    )
+    logs = cluster.kubectl("logs", "probe", "-n", ns, check=False)
+    assert logs.returncode == 0, logs.stderr
+
+
+def test_a_pod_with_an_unknown_image_stays_waiting(cluster: Cluster) -> None:
+    ns = "dc-kubelet"
+    cluster.kubectl("create", "namespace", ns, check=False)
+    cluster.apply(
+        to_yaml(
+            [
+                {
+                    "apiVersion": "v1",
+                    "kind": "Pod",
+                    "metadata": {"name": "unpullable", "namespace": ns},
+                    "spec": {
+                        "containers": [{"name": "main", "image": "example.invalid/nothing:0.0"}]
+                    },
+                }
+            ]
+        )
+    )
+
+    def waiting_reason() -> str | None:
+        status = cluster.get("pod", "unpullable", "-n", ns).get("status", {})
+        for c in status.get("containerStatuses", []):
+            reason = c.get("state", {}).get("waiting", {}).get("reason")
+            if reason == "ErrImagePull":
+                return str(reason)
+        return None
+
+    wait_for(waiting_reason, timeout=30, what="ErrImagePull on the unknown image")
+    assert cluster.get("pod", "unpullable", "-n", ns)["status"]["phase"] == "Pending"
+
+
+def _container_pid(netns: str) -> str | None:
+    try:
+        pids = subprocess.run(
+            ["ip", "netns", "pids", netns], capture_output=True, text=True, check=True
+        ).stdout.split()
+    except subprocess.CalledProcessError:
+        return None
+    for pid in pids:
+        try:
+            if b"devcluster.images" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                return pid
+        except FileNotFoundError:
+            continue
+    return None
+
+
+def test_a_stopped_process_restarts_and_a_deleted_pod_leaves_nothing(cluster: Cluster) -> None:
+    ns = "dc-restart"
+    cluster.kubectl("create", "namespace", ns, check=False)
+    cluster.apply(http_app_manifest(name="phoenix", namespace=ns))
+    cluster.rollout("phoenix", ns)
+    pod = wait_for(
+        lambda: cluster.ready_pods(ns, "app=phoenix"), timeout=60, what="a ready phoenix pod"
+    )[0]
+    netns = pod_netns_name(pod["metadata"]["uid"])
+    first = wait_for(lambda: _container_pid(netns), timeout=30, what="the container process")
+    subprocess.run(["kill", "-9", first], check=True)
+
+    def restarted_and_ready() -> bool:
+        p = cluster.get("pod", pod["metadata"]["name"], "-n", ns)
+        statuses = p["status"].get("containerStatuses", [])
+        ready = any(
+            c["type"] == "Ready" and c["status"] == "True"
+            for c in p["status"].get("conditions", [])
+        )
+        return bool(statuses) and statuses[0]["restartCount"] >= 1 and ready
+
+    wait_for(restarted_and_ready, timeout=60, what="the pod to restart its process and be ready")
+    second = _container_pid(netns)
+    assert second is not None and second != first
+    ip = pod["status"]["podIP"]
+    assert (
+        cluster.pod("curl", "-sf", "-m", "3", f"http://{ip}:8080/").stdout.strip()
+        == (pod["metadata"]["name"])
+    )
+
+    cluster.kubectl("delete", "deployment", "phoenix", "-n", ns, "--wait=true")
+    wait_for(
+        lambda: not cluster.get("pods", "-n", ns)["items"], timeout=60, what="the pod to be deleted"
+    )
+    wait_for(
+        lambda: (
+            netns
+            not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+        ),
+        timeout=30,
+        what="the pod's network namespace to go away",
+    )
+    assert not Path(f"/proc/{second}").exists()

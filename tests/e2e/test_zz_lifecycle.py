@@ -1,0 +1,72 @@
+"""`up` is idempotent and `down` leaves nothing behind. Runs last: it stops the cluster."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+from devcluster.settings import LAPTOP_USER
+from tests.e2e.cluster import Cluster
+
+
+def _host_state() -> dict[str, str]:
+    def sh(*argv: str) -> str:
+        return subprocess.run(argv, capture_output=True, text=True, check=False).stdout
+
+    return {
+        "netns": sh("ip", "netns", "list"),
+        "nft": sh("nft", "list", "ruleset"),
+        "links": sh("ip", "-o", "link", "show"),
+        "routes": sh("ip", "route", "show", "table", "all"),
+        "mounts": "\n".join(
+            line
+            for line in Path("/proc/self/mountinfo").read_text().splitlines()
+            if "netns" in line or "devcluster" in line or "secrets" in line
+        ),
+        "laptop user processes": sh("pgrep", "-u", LAPTOP_USER, "-a"),
+    }
+
+
+def _cluster_processes(cluster: Cluster) -> list[str]:
+    cache = str(cluster.settings.paths.cache)
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if (
+            cache in cmdline
+            or "devcluster.supervisor" in cmdline
+            or ("dnsmasq" in cmdline and "198.51.100.53" in cmdline)
+            or "devcluster.images" in cmdline
+        ):
+            found.append(cmdline)
+    return found
+
+
+def test_up_twice_is_safe_and_down_leaves_nothing(cluster: Cluster) -> None:
+    again = cluster.devcluster("up")
+    assert "already up" in again.stdout
+    assert cluster.laptop("kubectl", "get", "--raw", "/readyz").stdout.strip() == "ok"
+    assert _cluster_processes(cluster)
+
+    cluster.devcluster("down")
+    after = _host_state()
+    assert "dc-" not in after["netns"]
+    assert "dc-" not in after["mounts"]
+    assert "devcluster" not in after["nft"]
+    assert "dc-" not in after["links"]
+    assert after["laptop user processes"] == ""
+    assert _cluster_processes(cluster) == []
+    assert not list(Path("/etc/netns").glob("dc-*"))
+
+    # A second `down` is harmless, and `up` brings everything back.
+    cluster.devcluster("down")
+    assert _host_state() == after
+    cluster.devcluster("up")
+    assert cluster.laptop("kubectl", "get", "--raw", "/readyz").stdout.strip() == "ok"
+    cluster.devcluster("down")
+    assert _host_state() == after
