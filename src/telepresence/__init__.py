@@ -1,2 +1,3 @@
 """Outbound Telepresence: the laptop as one more pod of the cluster."""
+
 __version__ = "0.1.0"
