@@ -65,6 +65,10 @@ class PortForward:
     async def send(self, data: bytes | bytearray | memoryview) -> None:
         await self._ws.send_bytes(b"\x00" + bytes(data))
 
+    async def send_buffers(self, buffers: list[bytes | memoryview]) -> None:
+        """Sends buffers as one message: one join, with the channel byte in front."""
+        await self._ws.send_bytes(b"".join([b"\x00", *buffers]))
+
     async def receive(self) -> bytes:
         """The next bytes from the pod; b"" at the end of the stream."""
         while True:

@@ -1,31 +1,348 @@
-"""The traffic manager's process. For now it only answers its health port; the session,
-DNS and dial service arrive with the outbound-sessions work."""
+"""The traffic manager's network side: tunnels from laptops, sessions, dials, DNS.
+
+Each port-forward from a laptop arrives as one TCP connection on the tunnel port and
+carries one multiplexed `Tunnel`. A laptop keeps a small pool of them; they share one
+session, identified by the session id the first `Arrive` got back.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import errno
+import logging
 import os
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, cast
 
-HEALTH_PORT = 8081
+from telepresence import __version__
+from telepresence.tunnel.endpoint import Buffers, Tunnel, TunnelStream
+from telepresence.tunnel.flows import SocketFlow
+from telepresence.tunnel.frames import Dial, DialError, IPProtocol
+from telepresence.tunnel.messages import (
+    Arrive,
+    ArriveOk,
+    ClusterInfo,
+    ControlMessage,
+    Depart,
+    DnsAnswer,
+    DnsLookup,
+    Remain,
+)
+from telepresence.tunnel.protocol import Role
+
+log = logging.getLogger("telepresence.manager")
+
+TUNNEL_PORT = 8081
+HEALTH_PORT = 8082
+DIAL_TIMEOUT = 10.0
+# A laptop sends Remain every few seconds; after this much silence its session is gone.
+SESSION_TTL = 30.0
+
+DnsLookupFn = Callable[[str, int], Awaitable[bytes]]
+
+
+@dataclass
+class Session:
+    id: str
+    name: str
+    install_id: str
+    last_seen: float
+    tunnels: set[TunnelConnection] = field(default_factory=set)
+
+
+class TunnelConnection(asyncio.Protocol):
+    """One laptop port-forward: a TCP connection carrying a Tunnel."""
+
+    def __init__(self, manager: Manager) -> None:
+        self.manager = manager
+        self.transport: asyncio.Transport | None = None
+        self.tunnel: Tunnel | None = None
+        self.session: Session | None = None
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.tunnel = Tunnel(
+            Role.SERVER,
+            write=self._write,
+            on_open=self._on_open,
+            on_control=self._on_control,
+            on_closed=self._on_closed,
+        )
+
+    def _write(self, buffers: Buffers) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.writelines(buffers)
+
+    def data_received(self, data: bytes) -> None:
+        assert self.tunnel is not None
+        self.tunnel.data_received(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.tunnel is not None:
+            self.tunnel.connection_lost("laptop connection closed")
+
+    def _on_closed(self, reason: str) -> None:
+        if self.session is not None:
+            self.session.tunnels.discard(self)
+        for task in self.tasks:
+            task.cancel()
+        if self.transport is not None:
+            self.transport.close()
+
+    def close(self, reason: str) -> None:
+        if self.tunnel is not None:
+            self.tunnel.close(reason)
+
+    def _spawn(self, coro: Awaitable[None], name: str) -> None:
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)
+        task.set_name(name)
+        self.tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self.tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("task %s failed", task.get_name(), exc_info=task.exception())
+
+    # --- control ---------------------------------------------------------------------
+
+    def _on_control(self, message: ControlMessage) -> None:
+        assert self.tunnel is not None
+        m = self.manager
+        if isinstance(message, Arrive):
+            self.session = m.arrive(message, self)
+            self.tunnel.send_control(ArriveOk(self.session.id, __version__))
+            if m.cluster_info is not None:
+                self.tunnel.send_control(m.cluster_info)
+        elif isinstance(message, Remain):
+            session = m.sessions.get(message.session_id)
+            if session is None:
+                # Expired, or this manager restarted: the laptop must arrive again.
+                self.close("unknown session")
+                return
+            session.last_seen = time.monotonic()
+            session.tunnels.add(self)
+            self.session = session
+        elif isinstance(message, Depart):
+            m.depart(message.session_id)
+        elif isinstance(message, DnsLookup):
+            self._spawn(self._lookup(message), f"dns:{message.qname}")
+        else:
+            log.debug("ignoring %s from a laptop", type(message).__name__)
+
+    async def _lookup(self, message: DnsLookup) -> None:
+        assert self.tunnel is not None
+        try:
+            answer = await self.manager.dns_lookup(message.qname, message.qtype)
+            reply = DnsAnswer(message.request_id, 0, answer)
+        except Exception as e:
+            log.info("DNS lookup %s/%s failed: %s", message.qname, message.qtype, e)
+            reply = DnsAnswer(message.request_id, 2)  # SERVFAIL
+        self.tunnel.send_control(reply)
+
+    # --- streams ---------------------------------------------------------------------
+
+    def _on_open(self, stream: TunnelStream, dial: Dial) -> None:
+        if self.session is None:
+            stream.reject(DialError.FAILED, "no session: send Arrive or Remain first")
+            return
+        # The handler is attached now, not in the dial task: data sent right behind the
+        # OPEN arrives in the same batch and must be kept until the dial completes.
+        if dial.protocol is IPProtocol.TCP:
+            flow = SocketFlow()
+            flow.attach(stream)
+            self._spawn(self._dial_tcp(stream, flow, dial), f"dial:{dial.address}:{dial.port}")
+        else:
+            udp = UdpDial(stream)
+            self._spawn(self._dial_udp(stream, udp, dial), f"udp:{dial.address}:{dial.port}")
+
+    async def _dial_udp(self, stream: TunnelStream, flow: UdpDial, dial: Dial) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.create_datagram_endpoint(
+                lambda: flow, remote_addr=(dial.address, dial.port)
+            )
+        except OSError as e:
+            stream.reject(DialError.UNREACHABLE, e.strerror or str(e))
+            return
+        if stream.closed:
+            flow.stream_reset()
+        else:
+            stream.accept()
+
+    async def _dial_tcp(self, stream: TunnelStream, flow: SocketFlow, dial: Dial) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            await asyncio.wait_for(
+                loop.create_connection(lambda: flow, dial.address, dial.port), DIAL_TIMEOUT
+            )
+        except ConnectionRefusedError:
+            stream.reject(DialError.REFUSED, "connection refused")
+        except TimeoutError:
+            stream.reject(DialError.TIMEOUT, f"no answer in {DIAL_TIMEOUT:.0f}s")
+        except OSError as e:
+            code = (
+                DialError.UNREACHABLE
+                if e.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH)
+                else DialError.FAILED
+            )
+            stream.reject(code, e.strerror or str(e))
+        else:
+            if stream.closed:
+                flow.stream_reset()
+            else:
+                stream.accept()
+
+
+class UdpDial(asyncio.DatagramProtocol):
+    """A connected UDP socket in the cluster for one laptop flow; each tunnel datagram is
+    one UDP datagram. It lives as long as the stream: the laptop expires idle flows."""
+
+    def __init__(self, stream: TunnelStream) -> None:
+        self.stream = stream
+        stream.handler = self
+        self.transport: asyncio.DatagramTransport | None = None
+        self._early: list[bytes] = []
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # The selector loop's datagram transport does not subclass DatagramTransport.
+        self.transport = cast(asyncio.DatagramTransport, transport)
+        early, self._early = self._early, []
+        for data in early:
+            self.transport.sendto(data)
+
+    def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
+        self.stream.send_datagram(data)
+
+    def error_received(self, exc: Exception) -> None:
+        # An ICMP error for an earlier datagram: UDP senders expect loss, so carry on.
+        log.debug("UDP flow error: %s", exc)
+
+    def stream_data(self, data: bytes) -> None:
+        if self.transport is None:
+            self._early.append(data)
+        elif not self.transport.is_closing():
+            self.transport.sendto(data)
+        self.stream.consumed(len(data))
+
+    def stream_eof(self) -> None:
+        self.stream_reset()
+
+    def stream_reset(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+        self.stream.tunnel.stream_finished(self.stream)
+
+    def stream_writable(self) -> None:
+        pass
+
+    def dial_result(self, error: DialError | None, message: str) -> None:
+        pass
+
+
+class Manager:
+    def __init__(self, *, dns_lookup: DnsLookupFn, session_ttl: float = SESSION_TTL) -> None:
+        self.dns_lookup = dns_lookup
+        self.session_ttl = session_ttl
+        self.sessions: dict[str, Session] = {}
+        self.cluster_info: ClusterInfo | None = None
+        self.connections: set[TunnelConnection] = set()
+
+    def arrive(self, message: Arrive, conn: TunnelConnection) -> Session:
+        session = Session(
+            id=uuid.uuid4().hex,
+            name=message.name,
+            install_id=message.install_id,
+            last_seen=time.monotonic(),
+            tunnels={conn},
+        )
+        self.sessions[session.id] = session
+        log.info(
+            "session %s arrived from %s (client %s)", session.id, message.name, message.version
+        )
+        return session
+
+    def depart(self, session_id: str) -> None:
+        session = self.sessions.pop(session_id, None)
+        if session is not None:
+            log.info("session %s departed", session_id)
+            for conn in list(session.tunnels):
+                conn.close("session ended")
+
+    def set_cluster_info(self, info: ClusterInfo) -> None:
+        if info == self.cluster_info:
+            return
+        self.cluster_info = info
+        log.info("cluster info: %s", info)
+        for session in self.sessions.values():
+            for conn in session.tunnels:
+                if conn.tunnel is not None:
+                    conn.tunnel.send_control(info)
+
+    async def expire_sessions(self, *, interval: float = 5.0, rounds: int | None = None) -> None:
+        """Drops sessions whose laptop stopped sending Remain (it crashed or vanished)."""
+        done = 0
+        while rounds is None or done < rounds:
+            await asyncio.sleep(interval)
+            now = time.monotonic()
+            for sid, session in list(self.sessions.items()):
+                if now - session.last_seen > self.session_ttl:
+                    log.info("session %s expired", sid)
+                    self.depart(sid)
+            done += 1
 
 
 async def _health(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    await reader.readline()
-    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: close\r\n\r\nok\n")
-    await writer.drain()
+    with contextlib.suppress(ConnectionError):
+        await reader.readline()
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: close\r\n\r\nok\n")
+        await writer.drain()
     writer.close()
 
 
-async def serve(port: int) -> None:
-    server = await asyncio.start_server(_health, "0.0.0.0", port)
-    await server.serve_forever()
+async def serve(*, tunnel_port: int, health_port: int) -> None:
+    from telepresence.manager.runtime import cluster_info_source, dns_lookup
+
+    manager = Manager(dns_lookup=dns_lookup)
+    loop = asyncio.get_running_loop()
+    tunnel_server = await loop.create_server(
+        lambda: TunnelConnection(manager), "0.0.0.0", tunnel_port, reuse_address=True
+    )
+    health_server = await asyncio.start_server(_health, "0.0.0.0", health_port)
+    tasks = [
+        asyncio.create_task(manager.expire_sessions(), name="expire-sessions"),
+        asyncio.create_task(cluster_info_source(manager.set_cluster_info), name="cluster-info"),
+    ]
+    log.info("traffic manager %s listening on :%d", __version__, tunnel_port)
+    try:
+        async with tunnel_server, health_server:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            for task in done:
+                task.result()
+    finally:
+        for task in tasks:
+            task.cancel()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="traffic-manager")
     parser.add_argument(
+        "--tunnel-port", type=int, default=int(os.environ.get("TUNNEL_PORT", TUNNEL_PORT))
+    )
+    parser.add_argument(
         "--health-port", type=int, default=int(os.environ.get("HEALTH_PORT", HEALTH_PORT))
     )
+    parser.add_argument("--debug", action="store_true")
     args = parser.parse_args()
-    asyncio.run(serve(args.health_port))
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.INFO,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
+    asyncio.run(serve(tunnel_port=args.tunnel_port, health_port=args.health_port))

@@ -1,0 +1,3 @@
+from telepresence.cli.main import main
+
+main()

@@ -1,0 +1,143 @@
+"""The CLI's side of the daemon's control socket: newline-delimited JSON, no asyncio."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from typing import Any, Protocol
+
+from telepresence import paths
+
+
+class DaemonError(Exception):
+    """The daemon refused or failed; the message is the daemon's one line for the user."""
+
+
+class ProgressSink(Protocol):
+    def step(self, text: str) -> None: ...
+    def tick(self) -> None: ...
+    def done(self) -> None: ...
+
+
+def _connect(timeout: float = 2.0) -> socket.socket | None:
+    path = paths.daemon_socket()
+    if not path.exists():
+        return None
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(str(path))
+    except (ConnectionRefusedError, FileNotFoundError):
+        sock.close()
+        # A socket file with nobody behind it: a daemon that was killed.
+        path.unlink(missing_ok=True)
+        return None
+    return sock
+
+
+def _lines(sock: socket.socket, on_idle: Any = None) -> Any:
+    buf = b""
+    while True:
+        try:
+            chunk = sock.recv(65536)
+        except TimeoutError:
+            if on_idle is None:
+                raise
+            on_idle()
+            continue
+        if not chunk:
+            if buf.strip():
+                yield json.loads(buf)
+            return
+        buf += chunk
+        while b"\n" in buf:
+            line, buf = buf.split(b"\n", 1)
+            if line.strip():
+                yield json.loads(line)
+
+
+def request(message: dict[str, Any], *, timeout: float = 10.0) -> dict[str, Any] | None:
+    """One request, one answer; None when no daemon is running."""
+    sock = _connect(timeout)
+    if sock is None:
+        return None
+    with sock:
+        sock.sendall(json.dumps(message).encode() + b"\n")
+        for reply in _lines(sock):
+            if "error" in reply:
+                raise DaemonError(reply["error"])
+            if "result" in reply:
+                result: dict[str, Any] = reply["result"]
+                return result
+    raise DaemonError(
+        f"the daemon closed the connection without answering; see its log in {paths.logs_dir()}"
+    )
+
+
+def request_with_progress(message: dict[str, Any], progress: ProgressSink) -> dict[str, Any]:
+    sock = _connect(0.1)
+    if sock is None:
+        raise DaemonError(f"the daemon is not running; see {paths.logs_dir()}/daemon.log")
+    with sock:
+        sock.sendall(json.dumps(message).encode() + b"\n")
+        try:
+            for reply in _lines(sock, on_idle=progress.tick):
+                if "progress" in reply:
+                    progress.step(reply["progress"])
+                elif "error" in reply:
+                    progress.done()
+                    raise DaemonError(reply["error"])
+                elif "result" in reply:
+                    progress.done()
+                    result: dict[str, Any] = reply["result"]
+                    return result
+        finally:
+            progress.done()
+    raise DaemonError(f"the daemon stopped while connecting; see {paths.logs_dir()}/daemon.log")
+
+
+def status() -> dict[str, Any]:
+    reply = request({"cmd": "status"})
+    if reply is None:
+        return {"user_daemon": {"running": False}, "root_daemon": {"running": False}}
+    return reply
+
+
+def quit() -> None:
+    reply = request({"cmd": "quit"}, timeout=60)
+    if reply is None:
+        return
+    pid = reply.get("pid")
+    deadline = time.monotonic() + 30
+    while pid and time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+
+
+def launch_daemon(*, debug: bool) -> None:
+    """Starts the user daemon detached, logging to the cache dir, and waits for its socket."""
+    log = paths.logs_dir() / "daemon.log"
+    argv = [sys.executable, "-m", "telepresence.daemon"]
+    if debug:
+        argv.append("--debug")
+    with log.open("ab") as out:
+        proc = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True, cwd="/"
+        )
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        sock = _connect(1.0)
+        if sock is not None:
+            sock.close()
+            return
+        if proc.poll() is not None:
+            raise DaemonError(f"the daemon exited at start (code {proc.returncode}); see {log}")
+        time.sleep(0.02)
+    raise DaemonError(f"the daemon did not start in 15s; see {log}")

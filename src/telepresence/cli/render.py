@@ -1,0 +1,102 @@
+"""How the CLI prints: status in the product's familiar layout, and connect's progress."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, TextIO
+
+SPINNER = "|/-\\"
+SPIN_AFTER = 1.0
+
+
+class Progress:
+    """Prints each step; a step that takes over a second gets a spinner (on a terminal)."""
+
+    def __init__(self, out: TextIO) -> None:
+        self.out = out
+        self.tty = out.isatty()
+        self.current = ""
+        self.started = 0.0
+        self.frame = 0
+        self.spinning = False
+
+    def step(self, text: str) -> None:
+        self.done()
+        self.current = text
+        self.started = time.monotonic()
+        self.out.write(text + (" " if self.tty else "\n"))
+        self.out.flush()
+
+    def tick(self) -> None:
+        if not self.tty or not self.current:
+            return
+        if time.monotonic() - self.started < SPIN_AFTER:
+            return
+        self.spinning = True
+        self.out.write("\b" + SPINNER[self.frame % len(SPINNER)] if self.frame else SPINNER[0])
+        self.frame += 1
+        self.out.flush()
+
+    def done(self) -> None:
+        if self.tty and self.current:
+            if self.spinning:
+                self.out.write("\b")
+            self.out.write("\n")
+            self.out.flush()
+        self.current = ""
+        self.spinning = False
+        self.frame = 0
+
+
+def _rows(rows: list[tuple[str, Any]], indent: str = "  ") -> list[str]:
+    width = max(len(k) for k, _ in rows)
+    return [f"{indent}{k:<{width}}: {v}" for k, v in rows]
+
+
+def status_text(status: dict[str, Any]) -> str:
+    root = status["root_daemon"]
+    user = status["user_daemon"]
+    lines: list[str] = []
+    if not root.get("running"):
+        lines.append("Root Daemon: Not running")
+    else:
+        lines.append("Root Daemon: Running")
+        dns = root.get("dns", {})
+        lines += _rows(
+            [
+                ("Version", root.get("version", "")),
+                ("DNS", ""),
+            ]
+        )
+        lines += _rows(
+            [
+                ("Hooked in by", dns.get("hook", "")),
+                ("Local server", dns.get("local_address", "")),
+                ("Nameservers", ", ".join(dns.get("nameservers", [])) or "none"),
+                ("Cluster names", dns.get("cluster_names", "")),
+            ],
+            indent="    ",
+        )
+        subnets = root.get("subnets", [])
+        lines += _rows([("Routed subnets", f"({len(subnets)} subnets)")])
+        lines += [f"    - {s}" for s in subnets]
+    if not user.get("running"):
+        lines.append("User Daemon: Not running")
+        return "\n".join(lines)
+    lines.append("User Daemon: Running")
+    proxy = (
+        "ON (networking to the cluster is enabled)" if user.get("status") == "Connected" else "OFF"
+    )
+    lines += _rows(
+        [
+            ("Version", user.get("version", "")),
+            ("Status", user.get("status", "")),
+            ("Kubernetes server", user.get("kubernetes_server", "")),
+            ("Kubernetes context", user.get("kubernetes_context", "")),
+            ("Traffic Manager", user.get("manager_version", "")),
+            ("Telepresence proxy", proxy),
+            ("Mapped namespaces", ", ".join(user.get("mapped_namespaces", [])) or "all"),
+            ("Intercepts", f"{user.get('intercepts', 0)} total"),
+        ]
+    )
+    return "\n".join(lines)

@@ -1,0 +1,3 @@
+from telepresence.daemon.main import main
+
+main()

@@ -1,0 +1,145 @@
+"""The user daemon process: a control socket, and at most one session.
+
+Started detached by `telepresence connect`, as the user (kubeconfig credentials and exec
+plugins belong to the user). It exits after `quit`, after a failed connect (so a failure
+leaves no process behind), and on SIGTERM, always undoing its session first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+from typing import Any
+
+from telepresence import __version__, paths
+from telepresence.daemon.session import ConnectError, ConnectRequest, Session
+
+log = logging.getLogger("telepresence.daemon")
+
+
+class Daemon:
+    def __init__(self, *, debug: bool) -> None:
+        self.debug = debug
+        self.session: Session | None = None
+        self.stopping = asyncio.Event()
+        self.server: asyncio.Server | None = None
+        self._connecting = asyncio.Lock()
+        self._clients: set[asyncio.Task[None]] = set()
+
+    async def serve(self) -> None:
+        sock_path = paths.daemon_socket()
+        sock_path.unlink(missing_ok=True)
+        old_umask = os.umask(0o177)  # the socket is created owner-only
+        try:
+            self.server = await asyncio.start_unix_server(self._client, path=str(sock_path))
+        finally:
+            os.umask(old_umask)
+        sock_path.chmod(0o600)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.add_signal_handler(sig, self.stopping.set)
+        log.info("user daemon %s ready on %s", __version__, sock_path)
+        try:
+            await self.stopping.wait()
+        finally:
+            self.server.close()
+            await self._end_session()
+            sock_path.unlink(missing_ok=True)
+            log.info("user daemon stopped")
+
+    async def _end_session(self) -> None:
+        session, self.session = self.session, None
+        if session is not None:
+            await session.close()
+
+    def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.create_task(self._handle(reader, writer), name="control-client")
+        self._clients.add(task)
+        task.add_done_callback(self._clients.discard)
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        def send(obj: dict[str, Any]) -> None:
+            writer.write(json.dumps(obj).encode() + b"\n")
+
+        try:
+            line = await reader.readline()
+            if not line:
+                return
+            req = json.loads(line)
+            cmd = req.get("cmd")
+            if cmd == "status":
+                send({"result": self.status()})
+            elif cmd == "connect":
+                await self._connect(req, send)
+            elif cmd == "quit":
+                send({"result": {"pid": os.getpid()}})
+                await writer.drain()
+                self.stopping.set()
+            else:
+                send({"error": f"unknown command {cmd!r}"})
+            await writer.drain()
+        except (ConnectionError, ValueError) as e:
+            log.info("control client: %s", e)
+        finally:
+            writer.close()
+
+    async def _connect(self, req: dict[str, Any], send: Any) -> None:
+        async with self._connecting:
+            if self.session is not None and self.session.connected:
+                send({"result": self.session.connect_result()})
+                return
+            request = ConnectRequest.from_json(req)
+            session = Session(request, debug=self.debug, on_lost=self._session_lost)
+            try:
+                result = await session.connect(lambda text: send({"progress": text}))
+            except ConnectError as e:
+                log.warning("connect failed: %s", e)
+                await session.close()
+                send({"error": str(e)})
+                self.stopping.set()
+                return
+            except Exception as e:
+                log.exception("connect failed")
+                await session.close()
+                send(
+                    {
+                        "error": f"connect failed unexpectedly: {e}; see "
+                        f"{paths.logs_dir() / 'daemon.log'}"
+                    }
+                )
+                self.stopping.set()
+                return
+            self.session = session
+            send({"result": result})
+
+    def _session_lost(self, reason: str) -> None:
+        """The network helper died: without it nothing routes, so stop cleanly."""
+        log.error("session lost: %s", reason)
+        self.stopping.set()
+
+    def status(self) -> dict[str, Any]:
+        if self.session is None:
+            return {
+                "user_daemon": {"running": True, "version": __version__, "status": "Not connected"},
+                "root_daemon": {"running": False},
+            }
+        return self.session.status()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="telepresence-daemon")
+    parser.add_argument("--debug", action="store_true")
+    args = parser.parse_args()
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.INFO,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(Daemon(debug=args.debug).serve())

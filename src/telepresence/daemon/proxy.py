@@ -1,0 +1,80 @@
+"""The transparent TCP proxy: connections that nftables redirected to us, by destination.
+
+The kernel keeps the destination the program asked for (SO_ORIGINAL_DST); the proxy asks
+the traffic manager to dial exactly that, so every program on the laptop reaches ClusterIPs
+and pod IPs with no per-program setup. A failed dial in the cluster resets the laptop's
+connection at once, so a closed port looks closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import socket
+import struct
+
+from telepresence.daemon.pool import ManagerPool, PoolUnavailable
+from telepresence.tunnel.flows import SocketFlow, abort_with_reset
+from telepresence.tunnel.frames import Dial, IPProtocol
+
+log = logging.getLogger("telepresence.proxy")
+
+SO_ORIGINAL_DST = 80
+
+
+def original_destination(sock: socket.socket) -> tuple[str, int]:
+    raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
+    port = struct.unpack_from("!H", raw, 2)[0]
+    address = str(ipaddress.IPv4Address(raw[4:8]))
+    return address, port
+
+
+class ProxyFlow(SocketFlow):
+    def __init__(self, proxy: TransparentProxy) -> None:
+        super().__init__(on_done=proxy._flow_done)
+        self.proxy = proxy
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.proxy.flows.add(self)
+        sock = transport.get_extra_info("socket")
+        try:
+            address, port = original_destination(sock)
+        except OSError:
+            abort_with_reset(self.transport)
+            return
+        if (address, port) == self.proxy.address:
+            # Someone connected to the proxy port itself: nothing to forward to.
+            abort_with_reset(self.transport)
+            return
+        try:
+            self.stream = self.proxy.pool.open_stream(Dial(IPProtocol.TCP, address, port), self)
+        except PoolUnavailable:
+            abort_with_reset(self.transport)
+
+
+class TransparentProxy:
+    def __init__(self, pool: ManagerPool) -> None:
+        self.pool = pool
+        self.flows: set[ProxyFlow] = set()
+        self.server: asyncio.Server | None = None
+        self.address: tuple[str, int] = ("127.0.0.1", 0)
+
+    async def start(self, *, host: str = "127.0.0.1", port: int = 0) -> int:
+        loop = asyncio.get_running_loop()
+        self.server = await loop.create_server(
+            lambda: ProxyFlow(self), host, port, reuse_address=True, backlog=1024
+        )
+        self.address = self.server.sockets[0].getsockname()[:2]
+        return self.address[1]
+
+    def _flow_done(self, flow: SocketFlow) -> None:
+        self.flows.discard(flow)
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+        for flow in list(self.flows):
+            abort_with_reset(flow.transport)
+        self.flows.clear()

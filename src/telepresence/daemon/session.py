@@ -1,0 +1,455 @@
+"""One connected session: cluster access, traffic manager, tunnel pool, proxy, DNS, helper.
+
+`connect` builds it step by step and reports progress; anything that fails unwinds what was
+already set up (in reverse), so a failed connect leaves the laptop as it was. `close` undoes
+a working session the same way, DNS first so the laptop never loses name resolution.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import getpass
+import ipaddress
+import logging
+import os
+import shutil
+import socket
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
+from typing import Any, Literal
+
+import aiohttp
+import dns.message
+
+from telepresence import __version__, paths
+from telepresence.daemon.dns import DnsServer
+from telepresence.daemon.dnsrules import NameRules
+from telepresence.daemon.pool import ManagerPool, PoolUnavailable
+from telepresence.daemon.proxy import TransparentProxy
+from telepresence.k8s import kubeconfig
+from telepresence.k8s.api import ApiUnreachable, Changed, KubeApi, KubeError, Listed
+from telepresence.k8s.install import ensure_manager, find_manager_pod
+from telepresence.k8s.manifests import DEFAULT_NAMESPACE, TUNNEL_PORT
+from telepresence.k8s.portforward import PortForward
+from telepresence.netfilter.client import HelperClient, HelperError
+from telepresence.tunnel.messages import ClusterInfo
+
+log = logging.getLogger("telepresence.session")
+
+HELPER_COMMAND = "telepresence-helper"
+# Port-forward connections per session: enough to spread flows, few enough to be cheap.
+POOL_SIZE = 4
+# The socket mark on the daemon's own upstream DNS queries (ASCII "tp").
+DNS_MARK = 0x7470
+RESOLV_CONF = Path("/etc/resolv.conf")
+
+
+class ConnectError(Exception):
+    """Connecting failed; the message is one line that says what to do."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ConnectRequest:
+    kubeconfig: str | None = None
+    context: str | None = None
+    namespace: str | None = None
+    manager_image: str | None = None
+    manager_namespace: str | None = None
+    env: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, req: dict[str, Any]) -> ConnectRequest:
+        return cls(
+            kubeconfig=req.get("kubeconfig"),
+            context=req.get("context"),
+            namespace=req.get("namespace"),
+            manager_image=req.get("manager_image"),
+            manager_namespace=req.get("manager_namespace"),
+            env=dict(req.get("env") or {}),
+        )
+
+
+@dataclass(frozen=True)
+class ResolvConf:
+    nameservers: tuple[str, ...]
+    search: tuple[str, ...]
+
+    @classmethod
+    def parse(cls, text: str) -> ResolvConf:
+        nameservers: list[str] = []
+        search: list[str] = []
+        for line in text.splitlines():
+            parts = line.split()
+            if not parts or parts[0].startswith(("#", ";")):
+                continue
+            if parts[0] == "nameserver" and len(parts) > 1:
+                with contextlib.suppress(ValueError):
+                    if ipaddress.ip_address(parts[1]).version == 4:
+                        nameservers.append(parts[1])
+            elif parts[0] in ("search", "domain"):
+                search = parts[1:]
+        return cls(tuple(nameservers), tuple(search))
+
+
+def helper_command() -> list[str]:
+    helper = shutil.which(HELPER_COMMAND)
+    if helper is None:
+        raise ConnectError(
+            f"the network helper `{HELPER_COMMAND}` is not on PATH; reinstall telepresence"
+        )
+    return [helper] if os.geteuid() == 0 else ["sudo", "-n", helper]
+
+
+def api_server_addresses(server: str) -> list[str]:
+    """The API server's own addresses: never routed into the tunnel that runs over it."""
+    host = server.split("://", 1)[-1].split("/", 1)[0].rsplit(":", 1)[0].strip("[]")
+    try:
+        return [str(ipaddress.ip_address(host))]
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, None, socket.AF_INET)
+    except OSError:
+        return []
+    return sorted({str(info[4][0]) for info in infos})
+
+
+class Session:
+    def __init__(
+        self, request: ConnectRequest, *, debug: bool, on_lost: Callable[[str], None]
+    ) -> None:
+        self.request = request
+        self.debug = debug
+        self.on_lost = on_lost
+        self.access: kubeconfig.ClusterAccess | None = None
+        self.api: KubeApi | None = None
+        self.http: aiohttp.ClientSession | None = None
+        self.pool: ManagerPool | None = None
+        self.proxy: TransparentProxy | None = None
+        self.dns: DnsServer | None = None
+        self.helper: HelperClient | None = None
+        self.tun_fd: int | None = None
+        self.cluster_info: ClusterInfo | None = None
+        self.routed: list[IPv4Network] = []
+        self.resolv = ResolvConf((), ())
+        self.namespaces: frozenset[str] = frozenset()
+        self.connected = False
+        self.manager_namespace = request.manager_namespace or DEFAULT_NAMESPACE
+        self.manager_pod = ""
+        self.dns_port = 0
+        self.tasks: list[asyncio.Task[None]] = []
+        self._subnet_lock = asyncio.Lock()
+
+    # --- connect ---------------------------------------------------------------------
+
+    async def connect(self, progress: Callable[[str], None]) -> dict[str, Any]:
+        if self.request.env:
+            # Exec credential plugins and KUBECONFIG come from the user's shell.
+            os.environ.update(self.request.env)
+        try:
+            self.access = kubeconfig.load(
+                kubeconfig=self.request.kubeconfig,
+                context=self.request.context,
+                namespace=self.request.namespace,
+            )
+        except kubeconfig.KubeconfigError as e:
+            raise ConnectError(str(e)) from e
+        access = self.access
+        self.api = KubeApi(access)
+        try:
+            await asyncio.wait_for(self.api.get("/version"), 15)
+        except (ApiUnreachable, TimeoutError) as e:
+            raise ConnectError(
+                f"cannot reach the API server {access.server} of context {access.context}: "
+                f"{_cause(e)}; check that the cluster is running and the context is right"
+            ) from e
+        except KubeError as e:
+            raise ConnectError(str(e)) from e
+        try:
+            manager = await ensure_manager(
+                self.api,
+                namespace=self.manager_namespace,
+                image=self.request.manager_image,
+                progress=progress,
+            )
+        except KubeError as e:
+            raise ConnectError(str(e)) from e
+        self.manager_pod = manager.pod_name
+
+        progress("Connecting to traffic manager...")
+        self.http = aiohttp.ClientSession()
+        self.pool = ManagerPool(
+            open_forward=self._open_forward,
+            size=POOL_SIZE,
+            client_name=f"{getpass.getuser()}@{socket.gethostname()}",
+            install_id=_install_id(),
+            on_cluster_info=self._on_cluster_info,
+        )
+        try:
+            self.cluster_info = await self.pool.start(timeout=60)
+        except (Exception, TimeoutError) as e:
+            raise ConnectError(
+                f"cannot open a tunnel to the traffic manager ({_cause(e)}); check "
+                f"`kubectl -n {self.manager_namespace} logs deploy/traffic-manager`"
+            ) from e
+
+        self.resolv = (
+            ResolvConf.parse(RESOLV_CONF.read_text())
+            if RESOLV_CONF.exists()
+            else ResolvConf((), ())
+        )
+        await self._load_namespaces()
+        self.proxy = TransparentProxy(self.pool)
+        proxy_port = await self.proxy.start()
+        upstream = self.resolv.nameservers[0] if self.resolv.nameservers else "127.0.0.1"
+        self.dns = DnsServer(
+            rules=self.name_rules,
+            cluster_subnets=lambda: self.routed,
+            cluster_lookup=self._cluster_lookup,
+            upstream=(upstream, 53),
+            upstream_socket=self._upstream_socket,
+        )
+        self.dns_port = await self.dns.start()
+
+        try:
+            self.helper = await HelperClient.start(
+                command=helper_command(),
+                runtime_dir=paths.runtime_dir(),
+                debug=self.debug,
+            )
+        except HelperError as e:
+            raise ConnectError(
+                f"telepresence needs root for its network helper and sudo refused: {e}; "
+                f"allow `sudo {shutil.which(HELPER_COMMAND)}` for your user"
+            ) from e
+        try:
+            result = await self.helper.setup(
+                subnets=self._cluster_subnets(),
+                dns_redirect_port=self.dns_port,
+                proxy_port=proxy_port,
+                mark=DNS_MARK,
+                dns_nameservers=self.resolv.nameservers,
+                api_server_ips=api_server_addresses(access.server),
+            )
+        except HelperError as e:
+            raise ConnectError(str(e)) from e
+        self.tun_fd = result.tun_fd
+        self.routed = result.routed
+        self.tasks.append(asyncio.create_task(self._watch_helper(), name="watch-helper"))
+        self.tasks.append(asyncio.create_task(self._watch_namespaces(), name="namespaces"))
+        self.connected = True
+        log.info(
+            "connected to %s (%s); routing %s",
+            access.context,
+            access.server,
+            ", ".join(map(str, self.routed)),
+        )
+        return self.connect_result()
+
+    def connect_result(self) -> dict[str, Any]:
+        assert self.access is not None
+        return {"context": self.access.context, "server": self.access.server}
+
+    async def _open_forward(self) -> PortForward:
+        assert self.api is not None and self.access is not None and self.http is not None
+        info = await find_manager_pod(self.api, self.manager_namespace)
+        if info is None:
+            raise PoolUnavailable("no ready traffic manager pod")
+        self.manager_pod = info.pod_name
+        return await PortForward.open(
+            self.http,
+            self.access,
+            namespace=self.manager_namespace,
+            pod=info.pod_name,
+            port=TUNNEL_PORT,
+            ssl_context=self.api_ssl(),
+        )
+
+    def api_ssl(self) -> Any:
+        assert self.access is not None
+        if not hasattr(self, "_ssl"):
+            self._ssl = self.access.ssl_context()
+        return self._ssl
+
+    async def _load_namespaces(self) -> None:
+        assert self.api is not None
+        try:
+            listing = await self.api.list("/api/v1/namespaces")
+            self.namespaces = frozenset(n["metadata"]["name"] for n in listing["items"])
+        except KubeError as e:
+            log.info("cannot list namespaces (%s); only the cluster domain resolves", e)
+
+    async def _watch_namespaces(self) -> None:
+        """Keeps `svc.ns` names working for namespaces created while connected."""
+        assert self.api is not None
+        while True:
+            try:
+                async for event in self.api.watch("/api/v1/namespaces"):
+                    if isinstance(event, Listed):
+                        self.namespaces = frozenset(n["metadata"]["name"] for n in event.items)
+                    elif isinstance(event, Changed):
+                        name = event.object["metadata"]["name"]
+                        if event.type == "DELETED":
+                            self.namespaces = self.namespaces - {name}
+                        else:
+                            self.namespaces = self.namespaces | {name}
+            except KubeError as e:
+                log.info("namespace watch: %s", e)
+            await asyncio.sleep(2)
+
+    def name_rules(self) -> NameRules:
+        info = self.cluster_info
+        return NameRules(
+            cluster_domain=info.cluster_domain if info else "cluster.local",
+            all_namespaces=True,
+            live_namespaces=self.namespaces,
+            search_namespaces=(self.request.namespace,) if self.request.namespace else (),
+            local_search_domains=self.resolv.search,
+        )
+
+    def _cluster_subnets(self) -> list[str]:
+        info = self.cluster_info
+        if info is None:
+            return []
+        return [*info.service_subnets, *info.pod_subnets]
+
+    def _on_cluster_info(self, info: ClusterInfo) -> None:
+        changed = self.cluster_info is not None and info != self.cluster_info
+        self.cluster_info = info
+        if changed and self.helper is not None:
+            self.tasks.append(asyncio.create_task(self._update_subnets(), name="subnets"))
+
+    async def _update_subnets(self) -> None:
+        async with self._subnet_lock:
+            assert self.helper is not None
+            try:
+                self.routed = await self.helper.update_subnets(self._cluster_subnets())
+            except HelperError as e:
+                log.warning("updating routed subnets failed: %s", e)
+
+    async def _cluster_lookup(self, name: str, qtype: int) -> dns.message.Message | None:
+        if self.pool is None:
+            return None
+        try:
+            answer = await self.pool.dns_lookup(name, qtype)
+        except (PoolUnavailable, TimeoutError):
+            return None
+        if not answer.message:
+            return None
+        return dns.message.from_wire(answer.message)
+
+    async def _upstream_socket(self, kind: str) -> socket.socket:
+        assert self.helper is not None
+        sock_kind: Literal["udp", "tcp"] = "tcp" if kind == "tcp" else "udp"
+        return await self.helper.upstream_socket(sock_kind)
+
+    async def _watch_helper(self) -> None:
+        assert self.helper is not None
+        await self.helper.wait_exited()
+        if self.connected:
+            self.on_lost("the network helper exited")
+
+    # --- status and teardown ---------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        access = self.access
+        pool = self.pool.status() if self.pool else None
+        info = self.cluster_info
+        domain = info.cluster_domain if info else "cluster.local"
+        state = (
+            "Connected"
+            if self.connected and pool and pool.connected
+            else ("Reconnecting" if self.connected else "Connecting")
+        )
+        return {
+            "root_daemon": {
+                "running": self.helper is not None,
+                "version": __version__,
+                "dns": {
+                    "hook": "nftables redirect of the laptop's nameservers (no file edited)",
+                    "local_address": f"127.0.0.1:{self.dns_port}",
+                    "nameservers": list(self.resolv.nameservers),
+                    "cluster_domain": domain,
+                    "cluster_names": f"*.{domain}, <svc>.<namespace> for mapped namespaces",
+                },
+                "subnets": [str(s) for s in self.routed],
+            },
+            "user_daemon": {
+                "running": True,
+                "version": __version__,
+                "status": state,
+                "kubernetes_server": access.server if access else "",
+                "kubernetes_context": access.context if access else "",
+                "manager_namespace": self.manager_namespace,
+                "manager_pod": self.manager_pod,
+                "manager_version": pool.manager_version if pool else "",
+                "tunnel_connections": pool.connections if pool else 0,
+                "reconnects": pool.reconnects if pool else 0,
+                "proxy": "ON" if self.connected else "OFF",
+                "mapped_namespaces": sorted(self.namespaces),
+                "search_namespaces": [self.request.namespace] if self.request.namespace else [],
+                "intercepts": 0,
+                "service_subnets": list(info.service_subnets) if info else [],
+                "pod_subnets": list(info.pod_subnets) if info else [],
+            },
+        }
+
+    async def close(self) -> None:
+        """Undo everything, each step on its own so one failure does not stop the rest."""
+        self.connected = False
+        for task in self.tasks:
+            task.cancel()
+        for task in self.tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        steps: list[tuple[str, Callable[[], Any]]] = []
+        if self.helper is not None:
+            steps.append(("network helper", self.helper.teardown))
+        if self.tun_fd is not None:
+            fd, self.tun_fd = self.tun_fd, None
+            steps.append(("tun", lambda: _close_fd(fd)))
+        if self.dns is not None:
+            steps.append(("dns server", self.dns.close))
+        if self.proxy is not None:
+            steps.append(("proxy", self.proxy.close))
+        if self.pool is not None:
+            steps.append(("tunnel pool", self.pool.close))
+        if self.http is not None:
+            steps.append(("http", self.http.close))
+        if self.api is not None:
+            steps.append(("api", self.api.close))
+        for name, step in steps:
+            try:
+                result = step()
+                if asyncio.iscoroutine(result):
+                    await asyncio.wait_for(result, 30)
+            except Exception as e:
+                log.warning("undoing %s: %s", name, e)
+
+
+async def _close_fd(fd: int) -> None:
+    with contextlib.suppress(OSError):
+        os.close(fd)
+
+
+def _cause(e: BaseException) -> str:
+    text = str(e) or type(e).__name__
+    return text.splitlines()[0]
+
+
+def _install_id() -> str:
+    path = paths.cache_dir() / "install-id"
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        value = uuid.uuid4().hex
+        path.write_text(value)
+        return value
+
+
+__all__ = ["ConnectError", "ConnectRequest", "IPv4Address", "Session"]

@@ -1,0 +1,207 @@
+"""Installing, upgrading and finding the traffic manager.
+
+`connect` calls :func:`ensure_manager`: a manager of our version that is already serving
+costs one GET and one LIST; anything else is a server-side apply of every object (which
+makes install and upgrade one code path), after a dry run of the same apply, so that a
+user who lacks a permission learns it before anything has been changed in the cluster.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+from telepresence import __version__
+from telepresence.k8s import manifests
+from telepresence.k8s.api import (
+    Forbidden,
+    KubeApi,
+    KubeError,
+    NotFound,
+    Obj,
+    is_ready,
+    resource_path,
+    wait_until,
+)
+
+log = logging.getLogger(__name__)
+
+INSTALL_HINT = (
+    "ask a cluster admin to install the traffic manager with "
+    "`telepresence manifests | kubectl apply -f -`"
+)
+
+#: Waiting reasons that mean the image will not arrive by waiting longer.
+IMAGE_PULL_FAILURES = frozenset(
+    {"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull"}
+)
+
+
+class InstallError(KubeError):
+    """The manager was applied but does not serve; the message says why and what to do."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ManagerInfo:
+    pod_name: str
+    pod_ip: str
+    version: str
+    upgraded: bool = False
+
+
+def _deployment_path(namespace: str) -> str:
+    return resource_path("apps/v1", "deployments", namespace=namespace, name=manifests.NAME)
+
+
+def _pods_path(namespace: str) -> str:
+    return resource_path("v1", "pods", namespace=namespace)
+
+
+def _version_of(obj: Obj) -> str:
+    annotations = obj.get("metadata", {}).get("annotations") or {}
+    return str(annotations.get(manifests.VERSION_ANNOTATION, ""))
+
+
+def _image_of(obj: Obj) -> str:
+    """The manager container's image in a Deployment or a pod."""
+    spec = obj.get("spec", {})
+    spec = spec.get("template", {}).get("spec", spec)
+    for container in spec.get("containers") or []:
+        if container.get("name") == manifests.NAME:
+            return str(container.get("image", ""))
+    return ""
+
+
+def _info(pod: Obj, *, upgraded: bool = False) -> ManagerInfo:
+    return ManagerInfo(
+        pod_name=pod["metadata"]["name"],
+        pod_ip=str(pod.get("status", {}).get("podIP", "")),
+        version=_version_of(pod),
+        upgraded=upgraded,
+    )
+
+
+def newest_ready(pods: list[Obj]) -> Obj | None:
+    """The Ready pod created last: after a rollout, the one of the new ReplicaSet."""
+    ready = [p for p in pods if is_ready(p) and p.get("status", {}).get("podIP")]
+    if not ready:
+        return None
+    # RFC 3339 timestamps in UTC sort as strings; the name breaks ties deterministically.
+    return max(
+        ready, key=lambda p: (p["metadata"].get("creationTimestamp", ""), p["metadata"]["name"])
+    )
+
+
+def pull_failure(pod: Obj) -> str | None:
+    """Why the pod's manager container is stuck, when waiting will not help."""
+    for status in pod.get("status", {}).get("containerStatuses") or []:
+        waiting = (status.get("state") or {}).get("waiting") or {}
+        reason = waiting.get("reason", "")
+        if reason in IMAGE_PULL_FAILURES or reason == "CrashLoopBackOff":
+            message = waiting.get("message", "")
+            return f"{reason}: {message}" if message else str(reason)
+    return None
+
+
+async def find_manager_pod(api: KubeApi, namespace: str) -> ManagerInfo | None:
+    """The manager to talk to now: the newest Ready pod of the Deployment, or None. The
+    daemon calls it again when its port-forward breaks, to re-join a restarted manager."""
+    listing = await api.list(_pods_path(namespace), label_selector=manifests.SELECTOR)
+    pod = newest_ready(listing.get("items") or [])
+    return None if pod is None else _info(pod)
+
+
+async def ensure_manager(
+    api: KubeApi,
+    *,
+    namespace: str = manifests.DEFAULT_NAMESPACE,
+    image: str | None = None,
+    version: str = __version__,
+    progress: Callable[[str], None] = lambda _: None,
+    timeout: float = 120,
+) -> ManagerInfo:
+    """A serving traffic manager of ``version`` running ``image``: the one already there,
+    or one installed or upgraded now. Raises :class:`Forbidden` (naming the missing
+    permission and how an admin can install instead) or :class:`InstallError`."""
+    image = image or manifests.default_image(version)
+    try:
+        try:
+            current: Obj | None = await api.get(_deployment_path(namespace))
+        except NotFound:
+            current = None
+        installed = None if current is None else (_version_of(current), _image_of(current))
+        if installed == (version, image):
+            found = await find_manager_pod(api, namespace)
+            if found is not None and found.version == version:
+                return found
+        else:
+            if installed is None:
+                progress("Installing Traffic Manager")
+            elif installed[0] != version:
+                progress(f"Upgrading Traffic Manager from {installed[0]} to {version}")
+            else:
+                progress(f"Updating Traffic Manager image to {image}")
+            objects = manifests.manager_objects(namespace=namespace, image=image, version=version)
+            await _dry_run(api, objects)
+            for obj in objects:
+                await api.apply(obj)
+        progress("Waiting for Traffic Manager")
+        info = await _wait_ready(
+            api, namespace=namespace, image=image, version=version, timeout=timeout
+        )
+    except Forbidden as e:
+        raise e.with_hint(INSTALL_HINT) from e
+    return replace(info, upgraded=installed is not None and installed != (version, image))
+
+
+async def _dry_run(api: KubeApi, objects: list[Obj]) -> None:
+    """Applies everything with dryRun=All: authorization (RBAC escalation included),
+    admission and validation run, nothing is stored. Objects of a namespace that does not
+    exist yet answer NotFound after authorization passed; the real apply creates it first."""
+    for obj in objects:
+        try:
+            await api.apply(obj, dry_run=True)
+        except NotFound:
+            if not obj["metadata"].get("namespace"):
+                raise
+
+
+async def _wait_ready(
+    api: KubeApi, *, namespace: str, image: str, version: str, timeout: float
+) -> ManagerInfo:
+    """Watches the manager's pods until one of the current template is Ready."""
+
+    def current(pod: Obj) -> bool:
+        return _version_of(pod) == version and _image_of(pod) == image
+
+    def check(pods: dict[str, Obj]) -> Obj | None:
+        mine = [p for p in pods.values() if current(p)]
+        if (pod := newest_ready(mine)) is not None:
+            return pod
+        for pod in mine:
+            if not pod["metadata"].get("deletionTimestamp") and (why := pull_failure(pod)):
+                if why.startswith("CrashLoopBackOff"):
+                    raise InstallError(
+                        f"the Traffic Manager keeps crashing ({why}); see "
+                        f"`kubectl -n {namespace} logs deploy/{manifests.NAME}`"
+                    )
+                raise InstallError(
+                    f"the cluster cannot pull the Traffic Manager image {image} ({why}): "
+                    "make sure the cluster can reach its registry, or pass --manager-image "
+                    "with an image it can pull"
+                )
+        return None
+
+    try:
+        async with asyncio.timeout(timeout):
+            pod = await wait_until(
+                api, _pods_path(namespace), check, label_selector=manifests.SELECTOR
+            )
+    except TimeoutError:
+        raise InstallError(
+            f"the Traffic Manager was not ready after {timeout:g}s; see "
+            f"`kubectl -n {namespace} describe deploy/{manifests.NAME}` and its pods' events"
+        ) from None
+    return _info(pod)

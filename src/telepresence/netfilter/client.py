@@ -1,0 +1,523 @@
+"""The user daemon's side of the network helper: start it through sudo, then drive it.
+
+Runs unprivileged.  The daemon listens on a Unix socket in its own 0700
+runtime directory and starts ``sudo -n telepresence-helper --connect PATH``;
+sudo closes inherited descriptors, so the helper connects back by path.
+After that, one request at a time; each method below is one request.
+
+If the connection drops (the helper died), every call raises
+:class:`HelperGone`; the daemon should then close its TUN descriptor (the
+routes on it go with the last descriptor) and run ``--cleanup`` later.
+Closing the client (or the daemon dying) makes the helper undo everything.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import struct
+from collections import deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
+from types import TracebackType
+from typing import Literal, TypeVar
+
+from telepresence.netfilter import protocol
+from telepresence.netfilter.protocol import (
+    AddHostRoutes,
+    Error,
+    Hello,
+    HostRoutesDone,
+    Ok,
+    RemoveHostRoutes,
+    Request,
+    Response,
+    Setup,
+    SetupDone,
+    SocketReady,
+    Status,
+    StatusReply,
+    SubnetsDone,
+    Teardown,
+    UpdateSubnets,
+    UpstreamSocket,
+)
+from telepresence.netfilter.subnets import IPAddress, IPNetwork
+
+__all__ = [
+    "HelperClient",
+    "HelperError",
+    "HelperGone",
+    "HostRoutes",
+    "SetupResult",
+    "StatusReply",
+]
+
+log = logging.getLogger(__name__)
+
+_UCRED = struct.Struct("3i")
+_R = TypeVar("_R", bound=Response)
+#: The last lines the helper wrote to stderr, quoted when it fails to start.
+_STDERR_LINES = 20
+
+
+class HelperError(Exception):
+    """The helper refused or failed a request; the message is one actionable line.
+
+    Whatever the failed request had changed was undone before the answer.
+    """
+
+
+class HelperGone(HelperError):
+    """The connection to the helper is closed: it exited, was killed, or never started."""
+
+
+@dataclass(frozen=True)
+class SetupResult:
+    """``tun_fd`` belongs to the caller (close it when done); ``routed`` is what
+    is routed after never-proxy, API server and loopback holes."""
+
+    tun_fd: int
+    tun_name: str
+    routed: list[IPv4Network]
+
+
+@dataclass(frozen=True)
+class HostRoutes:
+    """``hosts``: every host routed now; ``skipped``: one reason per refused address."""
+
+    hosts: list[IPv4Address]
+    skipped: list[str]
+
+
+def _strs(items: Iterable[object]) -> list[str]:
+    return [str(i) for i in items]
+
+
+class HelperClient:
+    """One connection to one helper.  Use :meth:`start`, then ``async with`` or :meth:`close`.
+
+    Requests are serialised: concurrent calls queue.  A call cancelled while
+    waiting for its answer still consumes that answer (and closes any
+    descriptor in it), so a later call never receives an earlier answer.
+    """
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        *,
+        hello: Hello,
+        process: asyncio.subprocess.Process | None = None,
+        stderr_task: asyncio.Task[None] | None = None,
+    ) -> None:
+        sock.setblocking(False)
+        self._sock = sock
+        self._hello = hello
+        self._process = process
+        self._stderr_task = stderr_task
+        self._decoder = protocol.FrameDecoder()
+        self._lock = asyncio.Lock()
+        self._exchanges: set[asyncio.Task[tuple[Response, list[int]]]] = set()
+        self._closed = False
+
+    # --- starting ------------------------------------------------------------
+
+    @classmethod
+    async def start(
+        cls,
+        *,
+        command: Sequence[str],
+        runtime_dir: Path,
+        debug: bool = False,
+        timeout: float = 30.0,
+    ) -> HelperClient:
+        """Starts ``command --connect SOCKET`` and waits for the helper to connect.
+
+        ``command`` is e.g. ``["sudo", "-n", "/usr/bin/telepresence-helper"]``
+        (or the helper itself when the daemon already runs as root).
+        ``runtime_dir`` must be private to the user (0700): anyone who could
+        connect first would be talking to root's helper.  Raises
+        :class:`HelperError` with the helper's (or sudo's) last error line
+        when it exits before connecting, and on ``timeout``.
+        """
+        path = runtime_dir / "helper.sock"
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.setblocking(False)
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        listener.bind(str(path))
+        listener.listen(1)
+        stderr_lines: deque[str] = deque(maxlen=_STDERR_LINES)
+        loop = asyncio.get_running_loop()
+        process: asyncio.subprocess.Process | None = None
+        stderr_task: asyncio.Task[None] | None = None
+        conn: socket.socket | None = None
+        try:
+            argv = [*command, "--connect", str(path), *(["--debug"] if debug else [])]
+            process = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.PIPE,
+            )
+            assert process.stderr is not None
+            stderr_task = asyncio.create_task(
+                _relay_stderr(process.stderr, stderr_lines), name="helper-stderr"
+            )
+            conn = await _accept_or_exit(loop, listener, process, timeout=timeout)
+            if conn is None:
+                await asyncio.wait({stderr_task}, timeout=1.0)
+                last = stderr_lines[-1] if stderr_lines else "no error output"
+                raise HelperGone(
+                    f"the network helper exited with status {process.returncode} before "
+                    f"connecting: {last}"
+                )
+            _check_peer_is_root(conn)
+            try:
+                return await asyncio.wait_for(
+                    cls.from_socket(conn, process=process, stderr_task=stderr_task), timeout
+                )
+            except HelperGone as e:
+                # It connected, then gave up (it logs why on stderr before exiting).
+                await asyncio.wait({stderr_task}, timeout=5.0)
+                last = stderr_lines[-1] if stderr_lines else "no error output"
+                raise HelperGone(f"{e}: {last}") from None
+        except BaseException:
+            if conn is not None:
+                conn.close()
+            if process is not None and process.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    process.terminate()
+            if stderr_task is not None:
+                stderr_task.cancel()
+            raise
+        finally:
+            listener.close()
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+
+    @classmethod
+    async def from_socket(
+        cls,
+        sock: socket.socket,
+        *,
+        process: asyncio.subprocess.Process | None = None,
+        stderr_task: asyncio.Task[None] | None = None,
+    ) -> HelperClient:
+        """A client on an already connected socket, once the helper's Hello is checked.
+
+        :meth:`start` uses it; so can a caller that started the helper another way.
+        The socket is closed if the Hello is missing or of another version.
+        """
+        client = cls(sock, hello=Hello(version=0, pid=0), process=process, stderr_task=stderr_task)
+        try:
+            client._hello = await client._receive_hello()
+        except BaseException:
+            sock.close()
+            raise
+        return client
+
+    async def _receive_hello(self) -> Hello:
+        message, fds = await self._receive()
+        _close_fds(fds)
+        if not isinstance(message, Hello):
+            raise HelperError(f"the network helper said {type(message).__name__} instead of Hello")
+        if message.version != protocol.VERSION:
+            raise HelperError(
+                f"the network helper speaks protocol {message.version}, this daemon "
+                f"{protocol.VERSION}: install matching versions"
+            )
+        return message
+
+    @property
+    def helper_pid(self) -> int:
+        """The helper's own pid (not sudo's), as it reported it."""
+        return self._hello.pid
+
+    # --- requests --------------------------------------------------------------
+
+    async def setup(
+        self,
+        *,
+        subnets: Iterable[IPNetwork | str],
+        dns_redirect_port: int,
+        proxy_port: int,
+        mark: int,
+        dns_nameservers: Iterable[IPAddress | str] = (),
+        never_proxy: Iterable[IPNetwork | str] = (),
+        api_server_ips: Iterable[IPAddress | str] = (),
+        tun_name: str = "tel0",
+        tun_address: IPv4Address | str = "198.18.255.254",
+        allow_conflicting: bool = False,
+        allow_conflicting_subnets: Iterable[IPNetwork | str] = (),
+        nft_table: str = "telepresence",
+    ) -> SetupResult:
+        """Creates the TUN, its routes and the nftables redirects; see :class:`.protocol.Setup`.
+
+        All or nothing: on :class:`HelperError` nothing is left behind.
+        """
+        request = Setup(
+            tun_name=tun_name,
+            tun_address=str(tun_address),
+            subnets=_strs(subnets),
+            never_proxy=_strs(never_proxy),
+            api_server_ips=_strs(api_server_ips),
+            dns_nameservers=_strs(dns_nameservers),
+            dns_redirect_port=dns_redirect_port,
+            proxy_port=proxy_port,
+            mark=mark,
+            allow_conflicting=allow_conflicting,
+            allow_conflicting_subnets=_strs(allow_conflicting_subnets),
+            nft_table=nft_table,
+        )
+        done, fds = await self._request(request, SetupDone, fds=1)
+        return SetupResult(
+            tun_fd=fds[0], tun_name=done.tun_name, routed=[IPv4Network(n) for n in done.routed]
+        )
+
+    async def update_subnets(self, subnets: Iterable[IPNetwork | str]) -> list[IPv4Network]:
+        """Routes exactly ``subnets`` (minus the holes) from now on; returns them.
+
+        New subnets are checked for conflicts as in Setup; on error nothing changed.
+        """
+        done, _ = await self._request(UpdateSubnets(subnets=_strs(subnets)), SubnetsDone)
+        return [IPv4Network(n) for n in done.routed]
+
+    async def add_host_routes(self, ips: Iterable[IPAddress | str]) -> HostRoutes:
+        """Routes single addresses too (TCP redirected, UDP to the TUN).  Idempotent."""
+        done, _ = await self._request(AddHostRoutes(ips=_strs(ips)), HostRoutesDone)
+        return HostRoutes(hosts=[IPv4Address(h) for h in done.hosts], skipped=done.skipped)
+
+    async def remove_host_routes(self, ips: Iterable[IPAddress | str]) -> list[IPv4Address]:
+        """Stops routing these addresses (unknown ones are ignored); returns the hosts left."""
+        done, _ = await self._request(RemoveHostRoutes(ips=_strs(ips)), HostRoutesDone)
+        return [IPv4Address(h) for h in done.hosts]
+
+    async def upstream_socket(self, kind: Literal["udp", "tcp"]) -> socket.socket:
+        """A new, unbound, blocking IPv4 socket carrying the Setup mark.
+
+        Queries sent through it to the laptop's nameserver are not redirected
+        to the daemon's DNS server.  The caller owns it.
+        """
+        _, fds = await self._request(UpstreamSocket(kind=kind), SocketReady, fds=1)
+        return socket.socket(fileno=fds[0])
+
+    async def status(self) -> StatusReply:
+        """What is applied, as the kernel reports it now."""
+        reply, _ = await self._request(Status(), StatusReply)
+        return reply
+
+    async def teardown(self, *, timeout: float = 30.0) -> None:
+        """Undoes everything (DNS redirect first) and waits for the helper to exit.
+
+        Raises :class:`HelperError` if something could not be undone (the
+        helper's journal keeps it for ``--cleanup``).  The client is closed
+        afterwards in every case.
+        """
+        try:
+            await self._request(Teardown(), Ok)
+        finally:
+            await self.close(timeout=timeout)
+
+    # --- lifecycle ---------------------------------------------------------------
+
+    async def close(self, *, timeout: float = 30.0) -> None:
+        """Closes the connection, which makes the helper undo everything and exit,
+        and waits up to ``timeout`` for it to exit.  Idempotent."""
+        if not self._closed:
+            self._closed = True
+            for task in self._exchanges:
+                task.cancel()  # a closed socket would never wake them
+            self._sock.close()
+            self._decoder.close()
+        process = self._process
+        if process is not None and process.returncode is None:
+            try:
+                await asyncio.wait_for(process.wait(), timeout)
+            except TimeoutError:
+                log.warning("network helper did not exit after %ss: terminating it", timeout)
+                with contextlib.suppress(ProcessLookupError):
+                    process.terminate()
+                await process.wait()
+        if self._stderr_task is not None:
+            await asyncio.wait({self._stderr_task}, timeout=1.0)
+
+    async def wait_exited(self) -> int | None:
+        """The helper's (sudo's) exit status, once it exits; None if not started here."""
+        return None if self._process is None else await self._process.wait()
+
+    async def __aenter__(self) -> HelperClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    # --- the exchange ------------------------------------------------------------
+
+    async def _request(
+        self, request: Request, expected: type[_R], *, fds: int = 0
+    ) -> tuple[_R, list[int]]:
+        task = asyncio.create_task(self._exchange(request), name=f"helper-{type(request).__name__}")
+        self._exchanges.add(task)
+        task.add_done_callback(self._exchange_done)
+        try:
+            response, received = await asyncio.shield(task)
+        except asyncio.CancelledError:
+            task.add_done_callback(_close_orphaned_fds)
+            raise
+        if isinstance(response, Error):
+            _close_fds(received)
+            raise HelperError(response.message)
+        if not isinstance(response, expected) or len(received) != fds:
+            _close_fds(received)
+            raise HelperError(
+                f"the network helper answered {type(response).__name__} with {len(received)} "
+                f"descriptors to {type(request).__name__}"
+            )
+        return response, received
+
+    def _exchange_done(self, task: asyncio.Task[tuple[Response, list[int]]]) -> None:
+        self._exchanges.discard(task)
+
+    async def _exchange(self, request: Request) -> tuple[Response, list[int]]:
+        async with self._lock:
+            if self._closed:
+                raise HelperGone("the connection to the network helper is closed")
+            loop = asyncio.get_running_loop()
+            try:
+                await loop.sock_sendall(self._sock, protocol.encode(request))
+            except OSError as e:
+                raise HelperGone(f"the network helper is gone ({e})") from None
+            return await self._receive()
+
+    async def _receive(self) -> tuple[Response, list[int]]:
+        while True:
+            try:
+                item = self._decoder.next()
+            except protocol.ProtocolError as e:
+                raise HelperError(f"garbled answer from the network helper: {e}") from None
+            if item is not None:
+                message, fds = item
+                if isinstance(message, Request):
+                    _close_fds(fds)
+                    raise HelperError(
+                        f"the network helper sent a request ({type(message).__name__})"
+                    )
+                return message, fds
+            data, fds = await self._recvmsg()
+            if not data:
+                _close_fds(fds)
+                raise HelperGone(
+                    "the network helper closed the connection (it exited or was killed)"
+                )
+            self._decoder.feed(data, fds)
+
+    async def _recvmsg(self) -> tuple[bytes, list[int]]:
+        """``recvmsg`` on the non-blocking socket; asyncio has no awaitable form of it."""
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                data, ancillary, flags, _ = self._sock.recvmsg(
+                    65536, socket.CMSG_SPACE(protocol.MAX_FDS * 4), socket.MSG_CMSG_CLOEXEC
+                )
+            except BlockingIOError:
+                await _readable(loop, self._sock)
+                continue
+            except OSError as e:
+                raise HelperGone(f"the network helper is gone ({e})") from None
+            fds = _fds_from(ancillary)
+            if flags & socket.MSG_CTRUNC:
+                _close_fds(fds)
+                raise HelperError("too many descriptors from the network helper")
+            return data, fds
+
+
+async def _readable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+    ready: asyncio.Future[None] = loop.create_future()
+    fd = sock.fileno()
+
+    def wake() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    loop.add_reader(fd, wake)
+    try:
+        await ready
+    finally:
+        loop.remove_reader(fd)
+
+
+def _fds_from(ancillary: list[tuple[int, int, bytes]]) -> list[int]:
+    fds: list[int] = []
+    for level, kind, payload in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            arr = array.array("i")
+            arr.frombytes(payload[: len(payload) - len(payload) % arr.itemsize])
+            fds.extend(arr)
+    return fds
+
+
+def _close_fds(fds: Iterable[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+def _close_orphaned_fds(task: asyncio.Task[tuple[Response, list[int]]]) -> None:
+    """The caller was cancelled: nobody will take these descriptors."""
+    if not task.cancelled() and task.exception() is None:
+        _close_fds(task.result()[1])
+
+
+def _check_peer_is_root(conn: socket.socket) -> None:
+    pid, uid, _gid = _UCRED.unpack(
+        conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+    )
+    if uid != 0:
+        raise HelperError(f"the process that connected (pid {pid}, uid {uid}) is not root")
+
+
+async def _accept_or_exit(
+    loop: asyncio.AbstractEventLoop,
+    listener: socket.socket,
+    process: asyncio.subprocess.Process,
+    *,
+    timeout: float,
+) -> socket.socket | None:
+    """The helper's connection, or None when the process exits first."""
+    accept = asyncio.ensure_future(loop.sock_accept(listener))
+    exited = asyncio.ensure_future(process.wait())
+    try:
+        done, _ = await asyncio.wait(
+            {accept, exited}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+        )
+        if accept in done:
+            conn, _addr = accept.result()
+            return conn
+        if exited in done:
+            return None
+        raise HelperGone(f"the network helper did not connect within {timeout}s")
+    finally:
+        for task in (accept, exited):
+            task.cancel()
+        await asyncio.gather(accept, exited, return_exceptions=True)
+
+
+async def _relay_stderr(stream: asyncio.StreamReader, last: deque[str]) -> None:
+    """The helper logs to its own file; what it writes on stderr is worth the daemon's log."""
+    while line := await stream.readline():
+        text = line.decode(errors="replace").rstrip()
+        if text:
+            last.append(text)
+            log.warning("%s", text)

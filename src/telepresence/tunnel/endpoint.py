@@ -1,0 +1,286 @@
+"""The asyncio shell around one protocol `Connection`: events to callbacks, output to a writer.
+
+It knows nothing about what carries the bytes (a port-forward WebSocket on the laptop, a
+TCP connection in the manager): the owner feeds `data_received` and supplies `write`.
+Streams get a small handler interface instead of asyncio Streams, so the data path is
+callbacks end to end (no task per read, no extra copies).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections import deque
+from collections.abc import Callable
+from typing import Protocol
+
+from telepresence.tunnel.frames import Dial, DialError, ErrorCode, IPProtocol
+from telepresence.tunnel.messages import ControlMessage
+from telepresence.tunnel.protocol import Connection as ProtocolConnection
+from telepresence.tunnel.protocol import (
+    ConnectionClosed,
+    ControlReceived,
+    DataReceived,
+    DialFailed,
+    DialSucceeded,
+    LocalProtocolError,
+    ProtocolError,
+    Role,
+    StreamEnded,
+    StreamOpened,
+    StreamReset,
+    WindowUpdated,
+)
+
+log = logging.getLogger("telepresence.tunnel")
+
+Buffers = list[bytes | memoryview]
+
+
+class StreamHandler(Protocol):
+    """What a stream's owner is told. Every method is called from the event loop."""
+
+    def stream_data(self, data: bytes) -> None: ...
+    def stream_eof(self) -> None: ...
+    def stream_reset(self) -> None: ...
+    def stream_writable(self) -> None: ...
+    def dial_result(self, error: DialError | None, message: str) -> None: ...
+
+
+class TunnelStream:
+    """One flow inside a tunnel. Writes beyond the peer's credit wait here, in order."""
+
+    def __init__(self, tunnel: Tunnel, stream_id: int, protocol: IPProtocol) -> None:
+        self.tunnel = tunnel
+        self.id = stream_id
+        self.protocol = protocol
+        self.handler: StreamHandler | None = None
+        self._pending: deque[bytes | memoryview] = deque()
+        self._pending_size = 0
+        self._fin_pending = False
+        self.closed = False
+
+    @property
+    def buffered(self) -> int:
+        """Bytes accepted from the local side but not yet granted credit by the peer."""
+        return self._pending_size
+
+    def write(self, data: bytes) -> None:
+        if self.closed or not data:
+            return
+        conn = self.tunnel.conn
+        if not self._pending:
+            try:
+                taken = conn.send_data(self.id, data)
+            except LocalProtocolError:
+                return
+            if taken < len(data):
+                rest = memoryview(data)[taken:]
+                self._pending.append(rest)
+                self._pending_size += len(rest)
+        else:
+            self._pending.append(data)
+            self._pending_size += len(data)
+        self.tunnel.flush()
+
+    def send_datagram(self, data: bytes) -> bool:
+        if self.closed:
+            return False
+        try:
+            sent = self.tunnel.conn.send_datagram(self.id, data)
+        except LocalProtocolError:
+            return False
+        self.tunnel.flush()
+        return sent
+
+    def consumed(self, size: int) -> None:
+        """The application delivered `size` bytes: return them to the peer as credit."""
+        if size and not self.closed:
+            try:
+                self.tunnel.conn.consume(self.id, size)
+            except LocalProtocolError:
+                return
+            self.tunnel.flush()
+
+    def close(self) -> None:
+        """Half-close once everything written so far has been sent."""
+        if self.closed:
+            return
+        if self._pending:
+            self._fin_pending = True
+            return
+        with contextlib.suppress(LocalProtocolError):
+            self.tunnel.conn.close_stream(self.id)
+        self.tunnel.flush()
+
+    def reset(self, code: ErrorCode = ErrorCode.CANCEL) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self._pending.clear()
+        self._pending_size = 0
+        self.tunnel.conn.reset_stream(self.id, code)
+        self.tunnel._forget(self.id)
+        self.tunnel.flush()
+
+    def accept(self) -> None:
+        with contextlib.suppress(LocalProtocolError):
+            self.tunnel.conn.accept_stream(self.id)
+        self.tunnel.flush()
+
+    def reject(self, error: DialError, message: str) -> None:
+        self.closed = True
+        with contextlib.suppress(LocalProtocolError):
+            self.tunnel.conn.reject_stream(self.id, error, message)
+        self.tunnel._forget(self.id)
+        self.tunnel.flush()
+
+    def _window_opened(self) -> None:
+        conn = self.tunnel.conn
+        while self._pending:
+            head = self._pending[0]
+            try:
+                taken = conn.send_data(self.id, head)
+            except LocalProtocolError:
+                self._pending.clear()
+                self._pending_size = 0
+                return
+            self._pending_size -= taken
+            if taken < len(head):
+                self._pending[0] = memoryview(head)[taken:]
+                break
+            self._pending.popleft()
+        if not self._pending and self._fin_pending:
+            self._fin_pending = False
+            with contextlib.suppress(LocalProtocolError):
+                conn.close_stream(self.id)
+        self.tunnel.flush()
+        if self.handler is not None:
+            self.handler.stream_writable()
+
+
+class Tunnel:
+    """One multiplexed connection. `write` receives buffers to put on the wire."""
+
+    def __init__(
+        self,
+        role: Role,
+        *,
+        write: Callable[[Buffers], None],
+        on_open: Callable[[TunnelStream, Dial], None] | None = None,
+        on_control: Callable[[ControlMessage], None] | None = None,
+        on_closed: Callable[[str], None] | None = None,
+        initial_window: int | None = None,
+    ) -> None:
+        kwargs = {} if initial_window is None else {"initial_window": initial_window}
+        self.conn = ProtocolConnection(role, **kwargs)
+        self._write = write
+        self._on_open = on_open
+        self._on_control = on_control
+        self._on_closed = on_closed
+        self.streams: dict[int, TunnelStream] = {}
+        self.closed = False
+        self.flush()
+
+    def flush(self) -> None:
+        buffers = self.conn.buffers_to_send()
+        if buffers:
+            self._write(buffers)
+
+    def _forget(self, stream_id: int) -> None:
+        self.streams.pop(stream_id, None)
+
+    def open_stream(self, dial: Dial, handler: StreamHandler) -> TunnelStream:
+        stream_id = self.conn.open_stream(dial)
+        stream = TunnelStream(self, stream_id, dial.protocol)
+        stream.handler = handler
+        self.streams[stream_id] = stream
+        self.flush()
+        return stream
+
+    def send_control(self, message: ControlMessage) -> None:
+        if self.closed:
+            return
+        self.conn.send_control(message)
+        self.flush()
+
+    def data_received(self, data: bytes | bytearray | memoryview) -> None:
+        if self.closed:
+            return
+        try:
+            events = self.conn.receive_data(data)
+        except ProtocolError as e:
+            log.warning("tunnel protocol error: %s", e)
+            self.flush()
+            self.connection_lost(f"protocol error: {e}")
+            return
+        for event in events:
+            self._dispatch(event)
+        self.flush()
+
+    def _dispatch(self, event: object) -> None:
+        if isinstance(event, DataReceived):
+            stream = self.streams.get(event.stream_id)
+            if stream is not None and stream.handler is not None:
+                stream.handler.stream_data(event.data)
+            else:
+                self.conn.consume(event.stream_id, len(event.data))
+        elif isinstance(event, WindowUpdated):
+            stream = self.streams.get(event.stream_id)
+            if stream is not None:
+                stream._window_opened()
+        elif isinstance(event, StreamOpened):
+            stream = TunnelStream(self, event.stream_id, event.dial.protocol)
+            self.streams[event.stream_id] = stream
+            if self._on_open is None:
+                stream.reject(DialError.REFUSED, "this side accepts no streams")
+            else:
+                self._on_open(stream, event.dial)
+        elif isinstance(event, DialSucceeded):
+            stream = self.streams.get(event.stream_id)
+            if stream is not None and stream.handler is not None:
+                stream.handler.dial_result(None, "")
+        elif isinstance(event, DialFailed):
+            stream = self.streams.pop(event.stream_id, None)
+            if stream is not None:
+                stream.closed = True
+                if stream.handler is not None:
+                    stream.handler.dial_result(event.error, event.message)
+        elif isinstance(event, StreamEnded):
+            stream = self.streams.get(event.stream_id)
+            if stream is not None and stream.handler is not None:
+                stream.handler.stream_eof()
+        elif isinstance(event, StreamReset):
+            stream = self.streams.pop(event.stream_id, None)
+            if stream is not None:
+                stream.closed = True
+                if stream.handler is not None:
+                    stream.handler.stream_reset()
+        elif isinstance(event, ControlReceived):
+            if self._on_control is not None:
+                self._on_control(event.message)
+        elif isinstance(event, ConnectionClosed):
+            self.connection_lost(f"peer closed the tunnel: {event.reason or event.code.name}")
+
+    def stream_finished(self, stream: TunnelStream) -> None:
+        """Both directions are done; drop our reference."""
+        stream.closed = True
+        self._forget(stream.id)
+
+    def close(self, reason: str = "") -> None:
+        if not self.closed:
+            self.conn.close(ErrorCode.NO_ERROR, reason)
+            self.flush()
+        self.connection_lost(reason or "closed")
+
+    def connection_lost(self, reason: str) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        streams, self.streams = self.streams, {}
+        for stream in streams.values():
+            stream.closed = True
+            if stream.handler is not None:
+                stream.handler.stream_reset()
+        if self._on_closed is not None:
+            self._on_closed(reason)

@@ -1,0 +1,84 @@
+"""Control messages: session and cluster-level conversation carried in CONTROL frames.
+
+They are msgpack maps tagged with a ``type`` field, decoded by msgspec straight into
+these structs, so a malformed or unknown message is rejected at the edge instead of
+surfacing later as a missing key. Unknown *fields* are ignored, which lets a field with
+a default be added without a version bump.
+
+Direction is by convention, not enforced: the laptop sends Arrive, Remain, Depart and
+DnsLookup; the traffic manager sends ArriveOk, ClusterInfo and DnsAnswer.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+
+class Arrive(msgspec.Struct, frozen=True, tag="arrive"):
+    """First message of a session; the install id lets the manager recognise a laptop
+    that reconnects after a network change."""
+
+    name: str
+    install_id: str
+    version: str
+
+
+class ArriveOk(msgspec.Struct, frozen=True, tag="arrive-ok"):
+    session_id: str
+    manager_version: str
+
+
+class Remain(msgspec.Struct, frozen=True, tag="remain"):
+    """Heartbeat: the manager expires sessions that stop sending it, which reclaims
+    streams left behind by a laptop that vanished without Depart."""
+
+    session_id: str
+
+
+class Depart(msgspec.Struct, frozen=True, tag="depart"):
+    session_id: str
+
+
+class ClusterInfo(msgspec.Struct, frozen=True, tag="cluster-info"):
+    """Everything the laptop needs to route and resolve like a pod. Sent after ArriveOk
+    and again whenever it changes, so the laptop never polls."""
+
+    service_subnets: tuple[str, ...]
+    pod_subnets: tuple[str, ...]
+    cluster_domain: str
+    dns_server_ip: str
+
+
+class DnsLookup(msgspec.Struct, frozen=True, tag="dns-lookup"):
+    """Asks the manager to resolve with the cluster's resolver; request_id pairs the
+    answer, as lookups are answered out of order."""
+
+    request_id: int
+    qname: str
+    qtype: int
+
+
+class DnsAnswer(msgspec.Struct, frozen=True, tag="dns-answer"):
+    """``message`` is the upstream DNS response in wire format (RFC 1035), passed through
+    untouched so TTLs, SRV targets and every other record type survive. It is empty when
+    the manager got no response at all; rcode then says why (e.g. 2, SERVFAIL), so the
+    laptop can answer without parsing anything."""
+
+    request_id: int
+    rcode: int
+    message: bytes = b""
+
+
+ControlMessage = Arrive | ArriveOk | Remain | Depart | ClusterInfo | DnsLookup | DnsAnswer
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder: msgspec.msgpack.Decoder[ControlMessage] = msgspec.msgpack.Decoder(ControlMessage)
+
+
+def encode_control(message: ControlMessage) -> bytes:
+    return _encoder.encode(message)
+
+
+def decode_control(payload: bytes) -> ControlMessage:
+    """Raises msgspec.DecodeError (ValidationError included) on anything malformed."""
+    return _decoder.decode(payload)

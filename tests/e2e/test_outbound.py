@@ -1,0 +1,337 @@
+"""Outbound sessions, end to end on devcluster: the laptop (its namespace, its unprivileged
+user) connects, reaches the cluster by name and address, and quits leaving nothing behind."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from devcluster.fixtures import http_app_manifest
+from devcluster.images.http import pattern_bytes
+from tests.e2e.cluster import Cluster, wait_for
+
+TITLE = "Welcome to the EdgyCorp WebApp"
+VENV_PYTHON = "/opt/telepresence-dev/venv/bin/python"
+
+
+def laptop_state(cluster: Cluster) -> dict[str, str]:
+    """Everything on the laptop that connect may change and quit must restore."""
+
+    def root(*cmd: str) -> str:
+        return cluster.laptop(*cmd, root=True, check=False).stdout
+
+    listening = "\n".join(
+        sorted(
+            line.split()[4] for line in root("ss", "-Hlntu").splitlines() if len(line.split()) > 4
+        )
+    )
+    return {
+        "nft": root("nft", "list", "ruleset"),
+        "links": root("ip", "-br", "link"),
+        "addresses": root("ip", "-br", "addr"),
+        "routes": root("ip", "route", "show", "table", "all"),
+        "rules": root("ip", "rule"),
+        "sysctl forwarding": root(
+            "sysctl", "net.ipv4.ip_forward", "net.ipv4.conf.all.route_localnet"
+        ),
+        "listening": listening,
+        "processes": root("pgrep", "-a", "-u", "tpuser"),
+        "resolv.conf": root("cat", "/etc/resolv.conf"),
+        "telepresence processes": "\n".join(
+            line
+            for line in root("ps", "-eo", "user,args").splitlines()
+            if "telepresence" in line and "ps -eo" not in line
+        ),
+    }
+
+
+def connect(cluster: Cluster, *args: str) -> subprocess.CompletedProcess[str]:
+    return cluster.laptop("telepresence", "connect", *args, timeout=180)
+
+
+def quit_(cluster: Cluster) -> None:
+    cluster.laptop("telepresence", "quit", timeout=60)
+
+
+@pytest.fixture(scope="module")
+def baseline(cluster: Cluster) -> dict[str, str]:
+    quit_(cluster)
+    return laptop_state(cluster)
+
+
+@pytest.fixture
+def connected(cluster: Cluster, baseline: dict[str, str]) -> Iterator[Cluster]:
+    connect(cluster)
+    yield cluster
+    quit_(cluster)
+    assert laptop_state(cluster) == baseline
+
+
+def curl(
+    cluster: Cluster, url: str, *extra: str, timeout: float = 20
+) -> subprocess.CompletedProcess[str]:
+    return cluster.laptop(
+        "curl", "-sS", "--max-time", "10", *extra, url, check=False, timeout=timeout
+    )
+
+
+def test_the_user_story(cluster: Cluster, baseline: dict[str, str]) -> None:
+    out = connect(cluster)
+    assert "Connected to context devcluster (https://192.0.2.1:6443)" in out.stdout
+    status = cluster.laptop("telepresence", "status").stdout
+    assert "Status            : Connected" in status
+    assert "Telepresence proxy: ON (networking to the cluster is enabled)" in status
+    page = curl(cluster, "verylargejavaservice.default:8080")
+    assert page.returncode == 0, page.stderr
+    assert re.search(f"<title>{TITLE}</title>", page.stdout)
+    quit_(cluster)
+    started = time.monotonic()
+    after = curl(cluster, "verylargejavaservice.default:8080")
+    assert after.returncode != 0
+    assert time.monotonic() - started < 5, "after quit the request must fail at once"
+    assert laptop_state(cluster) == baseline
+
+
+def test_connect_twice_says_so_and_changes_nothing(connected: Cluster) -> None:
+    before = laptop_state(connected)
+    again = connect(connected)
+    assert "Already connected to context devcluster" in again.stdout
+    assert laptop_state(connected) == before
+
+
+def test_status_when_not_connected(cluster: Cluster, baseline: dict[str, str]) -> None:
+    text = cluster.laptop("telepresence", "status").stdout
+    assert "User Daemon: Not running" in text
+    data = json.loads(cluster.laptop("telepresence", "status", "--output", "json").stdout)
+    assert data["user_daemon"]["running"] is False
+
+
+def test_status_while_connected_text_and_json(connected: Cluster) -> None:
+    data = json.loads(connected.laptop("telepresence", "status", "-o", "json").stdout)
+    user, root = data["user_daemon"], data["root_daemon"]
+    assert user["status"] == "Connected"
+    assert user["kubernetes_context"] == "devcluster"
+    assert user["kubernetes_server"] == "https://192.0.2.1:6443"
+    assert user["manager_version"] == "0.1.0"
+    assert user["intercepts"] == 0
+    assert root["running"] is True
+    assert "10.96.0.0/16" in root["subnets"]
+    assert any(s.startswith("10.244.") for s in root["subnets"])
+    assert root["dns"]["nameservers"] == ["198.51.100.53"]
+    # The API server is never routed into the tunnel that runs over it.
+    assert not any("192.0.2.1" in s for s in root["subnets"])
+
+
+def test_names_resolve_every_way_and_other_names_still_work(connected: Cluster) -> None:
+    c = connected
+    svc_ip = c.get("service", "verylargejavaservice", "-n", "default")["spec"]["clusterIP"]
+    for name in (
+        "verylargejavaservice.default",
+        "verylargejavaservice.default.svc",
+        "verylargejavaservice.default.svc.cluster.local",
+    ):
+        assert c.laptop("getent", "hosts", name).stdout.split()[0] == svc_ip
+        assert c.laptop("dig", "+short", name).stdout.strip() == svc_ip
+        assert c.laptop("dig", "+short", "+tcp", name).stdout.strip() == svc_ip
+    py = c.laptop(
+        VENV_PYTHON,
+        "-c",
+        "import socket; print(socket.gethostbyname('verylargejavaservice.default'))",
+    ).stdout.strip()
+    assert py == svc_ip
+    # The laptop's own resolver keeps answering its names.
+    assert c.laptop("getent", "hosts", "www.example.test").stdout.split()[0] == "198.51.100.2"
+    assert c.laptop("dig", "+short", "www.example.test").stdout.strip() == "198.51.100.2"
+
+
+@pytest.fixture(scope="module")
+def two_namespaces(cluster: Cluster) -> dict[str, list[str]]:
+    pods: dict[str, list[str]] = {}
+    for ns in ("tp-alpha", "tp-beta"):
+        cluster.kubectl("create", "namespace", ns, check=False)
+        cluster.apply(http_app_manifest(name="echo", namespace=ns, replicas=2))
+        cluster.rollout("echo", ns)
+        ready = wait_for(
+            lambda ns=ns: (p := cluster.ready_pods(ns, "app=echo")) and len(p) == 2 and p,
+            timeout=60,
+            what=f"echo pods in {ns}",
+        )
+        pods[ns] = sorted(p["metadata"]["name"] for p in ready)
+    return pods
+
+
+def test_same_port_in_two_namespaces_each_answers_from_its_own_pods(
+    connected: Cluster, two_namespaces: dict[str, list[str]]
+) -> None:
+    c = connected
+    for ns, names in two_namespaces.items():
+        cluster_ip = c.get("service", "echo", "-n", ns)["spec"]["clusterIP"]
+        for target in (f"echo.{ns}", cluster_ip):
+            seen: set[str] = set()
+
+            def both(target: str = target, seen: set[str] = seen, names: list[str] = names) -> bool:
+                out = curl(c, f"http://{target}:8080/")
+                assert out.returncode == 0, out.stderr
+                seen.add(out.stdout.strip())
+                assert seen <= set(names), f"{target} answered from {seen - set(names)}"
+                return seen == set(names)
+
+            wait_for(both, timeout=30, what=f"both pods of {ns} through {target}")
+
+
+def test_a_pod_by_its_ip_and_a_50mb_download_intact(
+    connected: Cluster, two_namespaces: dict[str, list[str]]
+) -> None:
+    c = connected
+    pod = c.get("pod", two_namespaces["tp-alpha"][0], "-n", "tp-alpha")
+    ip = pod["status"]["podIP"]
+    assert curl(c, f"http://{ip}:8080/").stdout.strip() == pod["metadata"]["name"]
+    size = 50 * 1024 * 1024
+    out = c.laptop(
+        "sh",
+        "-c",
+        f"curl -sS --max-time 120 http://echo.tp-alpha:8080/bytes/{size} | sha256sum",
+        timeout=150,
+    ).stdout
+    assert out.split()[0] == hashlib.sha256(pattern_bytes(size)).hexdigest()
+
+
+def test_a_closed_port_is_refused_at_once(connected: Cluster) -> None:
+    svc_ip = connected.get("service", "verylargejavaservice", "-n", "default")["spec"]["clusterIP"]
+    started = time.monotonic()
+    out = curl(connected, f"http://{svc_ip}:9999/")
+    assert out.returncode == 7, out.stderr  # curl: failed to connect
+    assert time.monotonic() - started < 3
+
+
+def test_processes_users_and_sockets(connected: Cluster) -> None:
+    c = connected
+    ps = c.laptop("ps", "-eo", "user,args", root=True).stdout.splitlines()
+    daemon = [line for line in ps if "telepresence.daemon" in line]
+    helper = [
+        line
+        for line in ps
+        if "telepresence.netfilter.helper" in line and line.startswith("root ") is not False
+    ]
+    assert daemon and all(line.split()[0] == "tpuser" for line in daemon), daemon
+    assert any(line.split()[0] == "root" for line in helper), ps
+    # No listener off loopback.
+    listeners = c.laptop("ss", "-Hlntu", root=True).stdout.splitlines()
+    for line in listeners:
+        local = line.split()[4]
+        assert local.startswith(("127.", "[::1]", "198.51.100.53:")), line
+    # Control sockets are owner-only.
+    sockets = c.laptop("sh", "-c", "find $HOME/.cache -type s -exec stat -c '%a %U %n' {} +").stdout
+    assert sockets.strip(), "no control socket found"
+    for line in sockets.splitlines():
+        mode, owner, _ = line.split(" ", 2)
+        assert owner == "tpuser" and int(mode, 8) & 0o077 == 0, line
+    # The manager runs as non-root in a namespace enforcing "restricted".
+    ns = c.get("namespace", "ambassador")
+    assert ns["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
+    pod = c.get("pods", "-n", "ambassador", "-l", "app=traffic-manager")["items"][0]
+    uid = pod["spec"]["containers"][0]["securityContext"].get("runAsUser") or pod["spec"].get(
+        "securityContext", {}
+    ).get("runAsUser")
+    assert uid and uid != 0
+    netns_procs = subprocess.run(
+        ["ps", "-eo", "uid,args"], capture_output=True, text=True, check=True
+    ).stdout.splitlines()
+    manager_procs = [line for line in netns_procs if "telepresence.manager" in line]
+    assert manager_procs and all(int(line.split()[0]) == uid for line in manager_procs)
+
+
+def test_100_parallel_requests_share_the_fixed_pool(connected: Cluster) -> None:
+    script = (
+        "seq 1 100 | xargs -P 100 -I{} curl -s -o /dev/null -w '%{http_code}\\n' "
+        "--max-time 30 http://verylargejavaservice.default:8080/"
+    )
+    codes = connected.laptop("sh", "-c", script, timeout=120).stdout.split()
+    assert codes == ["200"] * 100
+    status = json.loads(connected.laptop("telepresence", "status", "-o", "json").stdout)
+    assert status["user_daemon"]["tunnel_connections"] <= 4
+
+
+def test_deleting_the_manager_pod_is_recovered_without_the_user(connected: Cluster) -> None:
+    c = connected
+    old = c.get("pods", "-n", "ambassador", "-l", "app=traffic-manager")["items"][0]
+    c.kubectl("delete", "pod", "-n", "ambassador", old["metadata"]["name"], "--wait=false")
+
+    def works_again() -> bool:
+        out = curl(c, "verylargejavaservice.default:8080", timeout=15)
+        return out.returncode == 0 and TITLE in out.stdout
+
+    wait_for(
+        works_again,
+        timeout=90,
+        what="requests to work again after the manager restarted",
+        interval=0.5,
+    )
+
+
+def test_kill_9_of_the_user_daemon_then_quit_restores_everything(
+    cluster: Cluster, baseline: dict[str, str]
+) -> None:
+    connect(cluster)
+    cluster.laptop("pkill", "-9", "-f", "telepresence.daemon", root=True, check=False)
+    quit_(cluster)
+    wait_for(
+        lambda: laptop_state(cluster) == baseline,
+        timeout=30,
+        what="the laptop to be as before after kill -9 of the daemon and quit",
+    )
+    assert cluster.laptop("getent", "hosts", "www.example.test").returncode == 0
+
+
+def test_kill_9_of_the_helper_then_quit_restores_everything(
+    cluster: Cluster, baseline: dict[str, str]
+) -> None:
+    connect(cluster)
+    cluster.laptop("pkill", "-9", "-f", "telepresence.netfilter.helper", root=True, check=False)
+    quit_(cluster)
+    wait_for(
+        lambda: laptop_state(cluster) == baseline,
+        timeout=30,
+        what="the laptop to be as before after kill -9 of the helper and quit",
+    )
+    assert cluster.laptop("getent", "hosts", "www.example.test").returncode == 0
+    started = time.monotonic()
+    assert curl(cluster, "verylargejavaservice.default:8080").returncode != 0
+    assert time.monotonic() - started < 5
+
+
+def test_unknown_context_fails_with_one_line_and_leaves_nothing(
+    cluster: Cluster, baseline: dict[str, str]
+) -> None:
+    out = cluster.laptop("telepresence", "connect", "--context", "nope", check=False, timeout=60)
+    assert out.returncode != 0
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "nope" in lines[0] and "--context" in lines[0], out.stderr
+    assert laptop_state(cluster) == baseline
+
+
+def test_unreachable_api_server_fails_with_one_line_and_leaves_nothing(
+    cluster: Cluster, baseline: dict[str, str]
+) -> None:
+    kubeconfig = Path(cluster.settings.paths.laptop_kubeconfig).read_text()
+    broken = kubeconfig.replace("https://192.0.2.1:6443", "https://192.0.2.1:6999")
+    cluster.laptop("sh", "-c", "cat > $HOME/broken.kubeconfig", input=broken)
+    out = cluster.laptop(
+        "telepresence",
+        "connect",
+        "--kubeconfig",
+        "/home/tpuser/broken.kubeconfig",
+        check=False,
+        timeout=60,
+    )
+    assert out.returncode != 0
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "cannot reach the API server" in lines[0], out.stderr
+    assert laptop_state(cluster) == baseline

@@ -1,0 +1,279 @@
+"""The traffic manager's objects: restricted pod security, least-privilege RBAC, a version
+that an installer can compare, and YAML that kubectl takes as is."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import yaml
+
+from telepresence import __version__
+from telepresence.k8s import manifests
+from telepresence.k8s.api import object_path
+
+Obj = dict[str, Any]
+
+OBJECTS = manifests.manager_objects()
+
+
+def by_kind(kind: str, objects: list[Obj] = OBJECTS) -> Obj:
+    (found,) = [o for o in objects if o["kind"] == kind]
+    return found
+
+
+def pod_spec(objects: list[Obj] = OBJECTS) -> Obj:
+    spec: Obj = by_kind("Deployment", objects)["spec"]["template"]["spec"]
+    return spec
+
+
+def test_every_object_lands_in_the_manager_namespace_or_is_cluster_scoped() -> None:
+    cluster_scoped = {"Namespace", "ClusterRole", "ClusterRoleBinding"}
+    for obj in OBJECTS:
+        namespace = obj["metadata"].get("namespace")
+        assert (namespace is None) == (obj["kind"] in cluster_scoped), obj["kind"]
+        assert namespace in (None, "ambassador")
+
+
+def test_the_namespace_enforces_the_restricted_level() -> None:
+    labels = by_kind("Namespace")["metadata"]["labels"]
+    assert labels["pod-security.kubernetes.io/enforce"] == "restricted"
+
+
+def test_the_namespace_comes_first_and_the_deployment_last() -> None:
+    kinds = [o["kind"] for o in OBJECTS]
+    assert kinds[0] == "Namespace"
+    assert kinds[-1] == "Deployment"
+    assert kinds.index("ServiceAccount") < kinds.index("Deployment")
+
+
+# --- the "restricted" Pod Security Standard, checked statically ---------------------------
+# https://kubernetes.io/docs/concepts/security/pod-security-standards/ (restricted profile)
+
+ALLOWED_VOLUMES = {
+    "configMap",
+    "csi",
+    "downwardAPI",
+    "emptyDir",
+    "ephemeral",
+    "persistentVolumeClaim",
+    "projected",
+    "secret",
+}
+
+
+def restricted_violations(spec: Obj) -> list[str]:
+    """What the restricted level forbids, as the admission plugin checks it."""
+    problems = []
+    pod_ctx = spec.get("securityContext") or {}
+    for key in ("hostNetwork", "hostPID", "hostIPC"):
+        if spec.get(key):
+            problems.append(key)
+    for volume in spec.get("volumes") or []:
+        kinds = set(volume) - {"name"}
+        if not kinds <= ALLOWED_VOLUMES:
+            problems.append(f"volume {volume['name']}: {kinds}")
+    if pod_ctx.get("sysctls"):
+        problems.append("sysctls")
+    if pod_ctx.get("runAsUser") == 0:
+        problems.append("pod runAsUser 0")
+    containers = [*(spec.get("initContainers") or []), *spec["containers"]]
+    for c in containers:
+        ctx = c.get("securityContext") or {}
+        name = c["name"]
+        if ctx.get("privileged"):
+            problems.append(f"{name}: privileged")
+        if ctx.get("allowPrivilegeEscalation") is not False:
+            problems.append(f"{name}: allowPrivilegeEscalation must be false")
+        caps = ctx.get("capabilities") or {}
+        if "ALL" not in (caps.get("drop") or []):
+            problems.append(f"{name}: must drop ALL capabilities")
+        if set(caps.get("add") or []) - {"NET_BIND_SERVICE"}:
+            problems.append(f"{name}: adds capabilities")
+        if not ctx.get("runAsNonRoot", pod_ctx.get("runAsNonRoot")):
+            problems.append(f"{name}: runAsNonRoot")
+        if ctx.get("runAsUser", pod_ctx.get("runAsUser")) == 0:
+            problems.append(f"{name}: runAsUser 0")
+        seccomp = ctx.get("seccompProfile") or pod_ctx.get("seccompProfile") or {}
+        if seccomp.get("type") not in ("RuntimeDefault", "Localhost"):
+            problems.append(f"{name}: seccompProfile")
+        if ctx.get("procMount", "Default") != "Default":
+            problems.append(f"{name}: procMount")
+        for port in c.get("ports") or []:
+            if port.get("hostPort"):
+                problems.append(f"{name}: hostPort")
+        selinux = ctx.get("seLinuxOptions") or pod_ctx.get("seLinuxOptions") or {}
+        if selinux.get("type", "container_t") not in ("container_t", "container_init_t"):
+            problems.append(f"{name}: SELinux type")
+    return problems
+
+
+def test_the_manager_pod_passes_the_restricted_level() -> None:
+    assert restricted_violations(pod_spec()) == []
+
+
+@pytest.mark.parametrize(
+    ("container_change", "expected"),
+    [
+        ({"allowPrivilegeEscalation": True}, "allowPrivilegeEscalation"),
+        ({"capabilities": {"drop": []}}, "drop ALL"),
+        ({"runAsUser": 0}, "runAsUser 0"),
+        ({"privileged": True}, "privileged"),
+        ({"seccompProfile": {"type": "Unconfined"}}, "seccompProfile"),
+    ],
+)
+def test_the_static_check_catches_what_restricted_rejects(
+    container_change: Obj, expected: str
+) -> None:
+    spec = pod_spec(manifests.manager_objects())
+    spec["containers"][0]["securityContext"].update(container_change)
+    if "seccompProfile" in container_change:
+        spec["securityContext"].pop("seccompProfile")
+    assert any(expected in p for p in restricted_violations(spec))
+
+
+def test_the_manager_runs_as_the_images_numeric_non_root_user() -> None:
+    ctx = pod_spec()["containers"][0]["securityContext"]
+    assert ctx["runAsNonRoot"] is True
+    assert ctx["runAsUser"] == manifests.RUN_AS_USER != 0
+
+
+# --- RBAC ------------------------------------------------------------------------------------
+
+READ_VERBS = {"get", "list", "watch"}
+
+
+def rules() -> list[tuple[str, Obj]]:
+    return [
+        (o["kind"], r) for o in OBJECTS if o["kind"] in ("ClusterRole", "Role") for r in o["rules"]
+    ]
+
+
+def test_rbac_has_no_wildcards() -> None:
+    for _, rule in rules():
+        for key in ("apiGroups", "resources", "verbs", "resourceNames", "nonResourceURLs"):
+            assert "*" not in (rule.get(key) or []), rule
+            assert not any("*" in v for v in rule.get(key) or []), rule
+
+
+def test_cluster_wide_access_is_read_only() -> None:
+    cluster_rules = [r for kind, r in rules() if kind == "ClusterRole"]
+    assert cluster_rules
+    for rule in cluster_rules:
+        assert set(rule["verbs"]) <= READ_VERBS, rule
+
+
+def test_the_only_write_is_creating_services_in_the_manager_namespace() -> None:
+    writes = [(kind, r) for kind, r in rules() if set(r["verbs"]) - READ_VERBS]
+    assert len(writes) == 1
+    kind, rule = writes[0]
+    assert kind == "Role"
+    assert by_kind("Role")["metadata"]["namespace"] == "ambassador"
+    assert rule == {"apiGroups": [""], "resources": ["services"], "verbs": ["create"]}
+
+
+def test_discovery_can_read_what_it_reads() -> None:
+    granted = {
+        (group, resource)
+        for kind, r in rules()
+        if kind == "ClusterRole" and set(r["verbs"]) >= READ_VERBS
+        for group in r["apiGroups"]
+        for resource in r["resources"]
+    }
+    for needed in [
+        ("", "nodes"),
+        ("", "services"),
+        ("", "pods"),
+        ("", "namespaces"),
+        ("networking.k8s.io", "servicecidrs"),
+    ]:
+        assert needed in granted
+
+
+def test_bindings_grant_the_roles_to_the_managers_service_account() -> None:
+    sa = by_kind("ServiceAccount")["metadata"]
+    for binding_kind, role_kind in (("ClusterRoleBinding", "ClusterRole"), ("RoleBinding", "Role")):
+        binding = by_kind(binding_kind)
+        assert binding["roleRef"] == {
+            "apiGroup": "rbac.authorization.k8s.io",
+            "kind": role_kind,
+            "name": by_kind(role_kind)["metadata"]["name"],
+        }
+        assert binding["subjects"] == [
+            {"kind": "ServiceAccount", "name": sa["name"], "namespace": sa["namespace"]}
+        ]
+    assert pod_spec()["serviceAccountName"] == sa["name"]
+
+
+def test_cluster_scoped_names_carry_the_namespace() -> None:
+    other = manifests.manager_objects(namespace="tp-other")
+    assert by_kind("ClusterRole", other)["metadata"]["name"] == "traffic-manager-tp-other"
+    assert by_kind("ClusterRole")["metadata"]["name"] == "traffic-manager-ambassador"
+
+
+# --- the deployment and service ---------------------------------------------------------------
+
+
+def test_the_default_image_is_the_package_version() -> None:
+    container = pod_spec()["containers"][0]
+    assert container["image"] == f"ghcr.io/telepresence-py/traffic-manager:{__version__}"
+    assert "args" not in container and "command" not in container
+
+
+def test_the_image_and_version_are_parameters() -> None:
+    objects = manifests.manager_objects(image="registry.example/tm:dev", version="9.9.9")
+    deployment = by_kind("Deployment", objects)
+    assert pod_spec(objects)["containers"][0]["image"] == "registry.example/tm:dev"
+    annotation = manifests.VERSION_ANNOTATION
+    assert deployment["metadata"]["annotations"][annotation] == "9.9.9"
+    assert deployment["spec"]["template"]["metadata"]["annotations"][annotation] == "9.9.9"
+
+
+def test_the_version_travels_on_the_deployment_and_its_pods() -> None:
+    deployment = by_kind("Deployment")
+    assert deployment["metadata"]["annotations"]["telepresence-py/version"] == __version__
+    template = deployment["spec"]["template"]["metadata"]
+    assert template["annotations"]["telepresence-py/version"] == __version__
+    assert template["labels"]["app"] == "traffic-manager"
+    assert deployment["spec"]["replicas"] == 1
+
+
+def test_ports_env_and_probe() -> None:
+    container = pod_spec()["containers"][0]
+    ports = {p["name"]: (p["containerPort"], p["protocol"]) for p in container["ports"]}
+    assert ports == {"tunnel": (8081, "TCP"), "health": (8082, "TCP")}
+    env = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in container["env"]}
+    assert env == {"POD_NAME": "metadata.name", "POD_NAMESPACE": "metadata.namespace"}
+    assert container["readinessProbe"]["tcpSocket"]["port"] == "tunnel"
+
+
+def test_the_service_selects_the_deployments_pods_on_the_tunnel_port() -> None:
+    svc = by_kind("Service")
+    deployment = by_kind("Deployment")
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert svc["spec"]["type"] == "ClusterIP"
+    assert svc["spec"]["selector"].items() <= pod_labels.items()
+    assert deployment["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    assert svc["spec"]["ports"] == [
+        {"name": "tunnel", "port": 8081, "targetPort": "tunnel", "protocol": "TCP"}
+    ]
+
+
+def test_the_yaml_is_plain_and_round_trips() -> None:
+    text = manifests.manifests_yaml()
+    assert "&id" not in text and "*id" not in text  # no YAML anchors: kubectl users read it
+    assert list(yaml.safe_load_all(text)) == OBJECTS
+
+
+def test_objects_build_their_api_paths() -> None:
+    paths = [object_path(o) for o in OBJECTS]
+    assert paths == [
+        "/api/v1/namespaces/ambassador",
+        "/api/v1/namespaces/ambassador/serviceaccounts/traffic-manager",
+        "/apis/rbac.authorization.k8s.io/v1/clusterroles/traffic-manager-ambassador",
+        "/apis/rbac.authorization.k8s.io/v1/clusterrolebindings/traffic-manager-ambassador",
+        "/apis/rbac.authorization.k8s.io/v1/namespaces/ambassador/roles/traffic-manager",
+        "/apis/rbac.authorization.k8s.io/v1/namespaces/ambassador/rolebindings/traffic-manager",
+        "/api/v1/namespaces/ambassador/services/traffic-manager",
+        "/apis/apps/v1/namespaces/ambassador/deployments/traffic-manager",
+    ]

@@ -1,0 +1,92 @@
+"""Rendering of the helper's nftables table and set updates (no kernel needed)."""
+
+from __future__ import annotations
+
+from ipaddress import IPv4Address, IPv4Network
+
+import pytest
+
+from telepresence.netfilter.nftables import (
+    TableConfig,
+    render_create,
+    render_delete,
+    render_dns_redirects,
+    render_set_update,
+    validate_table_name,
+)
+
+CONFIG = TableConfig(
+    name="telepresence",
+    mark=0x7E1E,
+    proxy_port=1234,
+    dns_port=1053,
+    dns_servers=[IPv4Address("198.51.100.53")],
+    routed=[IPv4Network("10.96.0.0/16"), IPv4Network("10.244.0.0/16")],
+)
+
+
+def test_table_is_created_owned_and_failing_if_it_exists() -> None:
+    text = render_create(CONFIG)
+    lines = [line.strip() for line in text.splitlines()]
+    assert lines[0] == "create table ip telepresence { flags owner; }"
+    # The block repeats the flag: without it, the kernel would be asked to clear it.
+    assert lines[1:3] == ["table ip telepresence {", "flags owner"]
+
+
+def test_marked_packets_return_before_any_redirect() -> None:
+    text = render_create(CONFIG)
+    for chain in ("dns", "proxy"):
+        body = text.split(f"chain {chain} {{", 1)[1].split("}", 1)[0]
+        rules = [line.strip() for line in body.splitlines() if line.strip()]
+        assert rules[0] == "type nat hook output priority -100; policy accept;"
+        assert rules[1] == "meta mark 0x00007e1e return"
+
+
+def test_dns_to_the_nameservers_is_redirected_over_udp_and_tcp() -> None:
+    text = render_create(CONFIG)
+    assert "elements = { 198.51.100.53 }" in text
+    assert "ip daddr @dns_servers udp dport 53 redirect to :1053" in text
+    assert "ip daddr @dns_servers tcp dport 53 redirect to :1053" in text
+
+
+def test_only_tcp_to_routed_addresses_goes_to_the_proxy() -> None:
+    text = render_create(CONFIG)
+    assert "elements = { 10.96.0.0/16, 10.244.0.0/16 }" in text
+    assert "ip daddr @routed meta l4proto tcp redirect to :1234" in text
+    assert "ip daddr @hosts meta l4proto tcp redirect to :1234" in text
+    assert "udp" not in text.split("chain proxy", 1)[1]
+
+
+def test_no_nameservers_means_no_dns_chain_and_empty_sets_have_no_elements() -> None:
+    text = render_create(
+        TableConfig(name="t", mark=1, proxy_port=1, dns_port=2, dns_servers=[], routed=[])
+    )
+    assert "chain dns" not in text and "dns_servers" not in text
+    assert "elements" not in text
+
+
+def test_set_update_is_one_transaction_removing_first() -> None:
+    text = render_set_update(
+        table="telepresence",
+        set_name="routed",
+        add=[IPv4Network("10.97.0.0/16")],
+        remove=[IPv4Network("10.244.0.0/16"), IPv4Network("10.245.0.0/16")],
+    )
+    assert text == (
+        "delete element ip telepresence routed { 10.244.0.0/16, 10.245.0.0/16 }\n"
+        "add element ip telepresence routed { 10.97.0.0/16 }\n"
+    )
+    assert render_set_update(table="t", set_name="hosts", add=[], remove=[]) == ""
+
+
+def test_delete_and_status_lines() -> None:
+    assert render_delete("telepresence") == "delete table ip telepresence\n"
+    assert render_dns_redirects(CONFIG) == ["198.51.100.53:53 -> 127.0.0.1:1053 (udp+tcp)"]
+
+
+@pytest.mark.parametrize("name", ["", "1abc", "a b", "a;flush ruleset", "x" * 33, "tél"])
+def test_table_names_cannot_inject_commands(name: str) -> None:
+    with pytest.raises(ValueError, match="invalid nftables table name"):
+        validate_table_name(name)
+    with pytest.raises(ValueError):
+        render_delete(name)

@@ -1,0 +1,134 @@
+"""Framing and message encoding of the helper protocol, without sockets."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from telepresence.netfilter import protocol
+from telepresence.netfilter.protocol import (
+    Error,
+    FrameDecoder,
+    Hello,
+    HostRoutesDone,
+    ProtocolError,
+    Setup,
+    SetupDone,
+    Status,
+    StatusReply,
+    UpstreamSocket,
+    encode,
+)
+
+SETUP = Setup(
+    subnets=["10.96.0.0/16"],
+    dns_nameservers=["198.51.100.53"],
+    dns_redirect_port=1053,
+    proxy_port=1234,
+    mark=0x7E1E,
+)
+MESSAGES: list[protocol.Message] = [
+    SETUP,
+    Status(),
+    UpstreamSocket(kind="udp"),
+    Hello(version=protocol.VERSION, pid=42),
+    Error(message="no"),
+    SetupDone(tun_name="tel0", routed=["10.96.0.0/16"]),
+    HostRoutesDone(hosts=["203.0.113.2"], skipped=["192.0.2.1: never proxied"]),
+    StatusReply(configured=False, helper_pid=1),
+]
+
+
+def decode_all(decoder: FrameDecoder) -> list[tuple[protocol.Message, list[int]]]:
+    out = []
+    while (item := decoder.next()) is not None:
+        out.append(item)
+    return out
+
+
+def test_round_trip_of_every_message_kind() -> None:
+    decoder = FrameDecoder()
+    decoder.feed(b"".join(encode(m) for m in MESSAGES))
+    assert [m for m, _ in decode_all(decoder)] == MESSAGES
+    assert not decoder.pending
+
+
+def test_setup_defaults_are_the_documented_ones() -> None:
+    assert (SETUP.tun_name, SETUP.tun_address, SETUP.nft_table) == (
+        "tel0",
+        "198.18.255.254",
+        "telepresence",
+    )
+    assert not SETUP.allow_conflicting
+
+
+@given(st.lists(st.integers(min_value=1, max_value=50), min_size=1))
+def test_frames_survive_any_split_of_the_byte_stream(cuts: list[int]) -> None:
+    data = b"".join(encode(m) for m in MESSAGES)
+    decoder = FrameDecoder()
+    received: list[protocol.Message] = []
+    pos = 0
+    for cut in cuts * (len(data) // sum(cuts) + 1):
+        decoder.feed(data[pos : pos + cut])
+        pos += cut
+        received += [m for m, _ in decode_all(decoder)]
+        if pos >= len(data):
+            break
+    assert received == MESSAGES
+
+
+def test_descriptors_are_handed_out_with_the_frame_that_announces_them() -> None:
+    r1, w1 = os.pipe()
+    decoder = FrameDecoder()
+    decoder.feed(encode(Status()) + encode(SetupDone(tun_name="t", routed=[]), fds=2), [r1, w1])
+    (first, fds1), (second, fds2) = decode_all(decoder)
+    assert (first, fds1) == (Status(), [])
+    assert isinstance(second, SetupDone) and fds2 == [r1, w1]
+    os.close(r1)
+    os.close(w1)
+
+
+def test_missing_descriptors_are_a_protocol_error() -> None:
+    decoder = FrameDecoder()
+    decoder.feed(encode(Status(), fds=1))
+    with pytest.raises(ProtocolError, match="announces 1 descriptors"):
+        decoder.next()
+
+
+def test_close_closes_descriptors_nobody_took() -> None:
+    r, w = os.pipe()
+    decoder = FrameDecoder()
+    decoder.feed(b"\x00", [r])
+    decoder.close()
+    with pytest.raises(OSError):
+        os.fstat(r)
+    os.close(w)
+
+
+def test_malformed_and_oversized_frames_are_rejected() -> None:
+    decoder = FrameDecoder()
+    decoder.feed(b"\x00\x00\x00\x03\x00abc")
+    with pytest.raises(ProtocolError, match="malformed"):
+        decoder.next()
+    decoder = FrameDecoder()
+    decoder.feed((protocol.MAX_FRAME + 1).to_bytes(4, "big") + b"\x00")
+    with pytest.raises(ProtocolError, match="invalid frame header"):
+        decoder.next()
+
+
+def test_unknown_request_type_is_rejected() -> None:
+    import msgspec
+
+    body = msgspec.msgpack.encode({"type": "FormatDisk"})
+    decoder = FrameDecoder()
+    decoder.feed(len(body).to_bytes(4, "big") + b"\x00" + body)
+    with pytest.raises(ProtocolError):
+        decoder.next()
+
+
+def test_encode_refuses_too_many_descriptors() -> None:
+    with pytest.raises(ValueError):
+        encode(Status(), fds=protocol.MAX_FDS + 1)

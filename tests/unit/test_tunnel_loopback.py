@@ -1,0 +1,255 @@
+"""The tunnel's asyncio shell, the laptop's pool and the manager's server, wired together
+over loopback TCP (standing in for the port-forward byte stream)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import socket
+from collections.abc import AsyncIterator
+from typing import cast
+
+import pytest
+
+from telepresence.daemon.pool import ManagerPool
+from telepresence.manager.server import Manager, TunnelConnection
+from telepresence.tunnel.flows import SocketFlow
+from telepresence.tunnel.frames import Dial, IPProtocol
+from telepresence.tunnel.messages import ClusterInfo
+
+INFO = ClusterInfo(("10.96.0.0/16",), ("10.244.0.0/24",), "cluster.local", "10.96.0.10")
+
+
+class TcpForward:
+    """The PortForward interface over a plain TCP connection."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+
+    async def receive(self) -> bytes:
+        return await self.reader.read(65536)
+
+    async def send_buffers(self, buffers: list[bytes | memoryview]) -> None:
+        self.writer.writelines(buffers)
+        await self.writer.drain()
+
+    async def close(self) -> None:
+        self.writer.close()
+
+
+async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    while data := await reader.read(65536):
+        writer.write(data)
+        await writer.drain()
+    writer.write_eof()
+    writer.close()
+
+
+class World:
+    def __init__(self) -> None:
+        self.manager = Manager(dns_lookup=self._lookup)
+        self.manager.set_cluster_info(INFO)
+        self.forwards = 0
+
+    async def _lookup(self, qname: str, qtype: int) -> bytes:
+        return f"{qname}/{qtype}".encode()
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.manager_server = await loop.create_server(
+            lambda: TunnelConnection(self.manager), "127.0.0.1", 0
+        )
+        self.manager_port = self.manager_server.sockets[0].getsockname()[1]
+        self.echo_server = await asyncio.start_server(_echo, "127.0.0.1", 0)
+        self.echo_port = self.echo_server.sockets[0].getsockname()[1]
+        self.pool = ManagerPool(
+            open_forward=self._open,
+            size=2,
+            client_name="test",
+            install_id="i",
+            on_cluster_info=lambda info: None,
+        )
+
+    async def _open(self) -> TcpForward:
+        self.forwards += 1
+        reader, writer = await asyncio.open_connection("127.0.0.1", self.manager_port)
+        return TcpForward(reader, writer)  # type: ignore[return-value]
+
+    async def close(self) -> None:
+        await self.pool.close()
+        self.manager_server.close()
+        self.echo_server.close()
+
+
+@pytest.fixture
+async def world() -> AsyncIterator[World]:
+    w = World()
+    await w.start()
+    yield w
+    await w.close()
+
+
+async def _splice(world: World, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A local TCP connection whose far end is spliced into a tunnel stream to
+    127.0.0.1:port, as the transparent proxy does with a redirected connection."""
+    loop = asyncio.get_running_loop()
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.setblocking(False)
+    client = await asyncio.open_connection(*listener.getsockname())
+    theirs, _ = await loop.sock_accept(listener)
+    listener.close()
+    flow = SocketFlow()
+    flow.attach(world.pool.open_stream(Dial(IPProtocol.TCP, "127.0.0.1", port), flow))
+    await loop.connect_accepted_socket(lambda: flow, theirs)
+    return client
+
+
+async def test_join_gets_cluster_info_and_a_full_pool(world: World) -> None:
+    info = await world.pool.start()
+    assert info == INFO
+    assert len(world.pool.tunnels) == 2
+    assert world.pool.session_id in world.manager.sessions
+
+
+async def test_a_large_transfer_round_trips_intact(world: World) -> None:
+    await world.pool.start()
+    reader, writer = await _splice(world, world.echo_port)
+    payload = os.urandom(8 * 1024 * 1024)
+
+    async def send() -> None:
+        writer.write(payload)
+        await writer.drain()
+        writer.write_eof()
+
+    sender = asyncio.create_task(send())
+    received = await asyncio.wait_for(reader.read(-1), 30)
+    await sender
+    assert hashlib.sha256(received).digest() == hashlib.sha256(payload).digest()
+
+
+async def test_a_refused_dial_resets_the_local_connection(world: World) -> None:
+    await world.pool.start()
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()
+    reader, _ = await _splice(world, port)
+    with pytest.raises(ConnectionResetError):
+        await asyncio.wait_for(reader.read(1), 10)
+
+
+async def test_many_flows_share_the_fixed_pool(world: World) -> None:
+    await world.pool.start()
+
+    async def one(i: int) -> bytes:
+        reader, writer = await _splice(world, world.echo_port)
+        writer.write(f"hello {i}".encode())
+        writer.write_eof()
+        return await asyncio.wait_for(reader.read(-1), 10)
+
+    answers = await asyncio.gather(*(one(i) for i in range(100)))
+    assert answers == [f"hello {i}".encode() for i in range(100)]
+    assert world.forwards == 2
+
+
+async def test_dns_lookups_are_answered_through_the_manager(world: World) -> None:
+    await world.pool.start()
+    answer = await world.pool.dns_lookup("web.default.svc.cluster.local.", 1)
+    assert answer.message == b"web.default.svc.cluster.local./1"
+
+
+async def test_the_pool_rejoins_when_every_connection_drops(world: World) -> None:
+    await world.pool.start()
+    first_session = world.pool.session_id
+    # The manager restarts: all sessions are forgotten and connections cut.
+    world.manager.sessions.clear()
+    for t in list(world.pool.tunnels):
+        await t.pf.close()  # type: ignore[attr-defined]
+
+    async def rejoined() -> None:
+        while not (world.pool.session_id != first_session and len(world.pool.tunnels) == 2):
+            await asyncio.sleep(0.05)
+
+    await asyncio.wait_for(rejoined(), 15)
+    reader, writer = await _splice(world, world.echo_port)
+    writer.write(b"again")
+    writer.write_eof()
+    assert await asyncio.wait_for(reader.read(-1), 10) == b"again"
+
+
+class _UdpEcho(asyncio.DatagramProtocol):
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # The selector loop's datagram transport does not subclass DatagramTransport.
+        self.transport = cast(asyncio.DatagramTransport, transport)
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        self.transport.sendto(b"echo:" + data, addr)
+
+
+async def test_udp_datagrams_from_the_tun_reach_the_cluster_and_come_back(world: World) -> None:
+    """A datagram socketpair stands in for the TUN: packets in, packets out."""
+    from ipaddress import IPv4Address
+
+    from telepresence.daemon.packets import Datagram, build, parse
+    from telepresence.daemon.udp import UdpRelay
+
+    await world.pool.start()
+    loop = asyncio.get_running_loop()
+    transport, _ = await loop.create_datagram_endpoint(_UdpEcho, local_addr=("127.0.0.1", 0))
+    port = transport.get_extra_info("sockname")[1]
+    tun, kernel = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    kernel.setblocking(False)
+    relay = UdpRelay(world.pool, tun.fileno())
+    relay.start()
+    try:
+        laptop = IPv4Address("198.18.255.254")
+        for i in range(3):
+            out = Datagram(laptop, 40000 + i, IPv4Address("127.0.0.1"), port, f"q{i}".encode())
+            await loop.sock_sendall(kernel, build(out))
+            reply = parse(await asyncio.wait_for(loop.sock_recv(kernel, 65535), 10))
+            assert reply == Datagram(
+                IPv4Address("127.0.0.1"), port, laptop, 40000 + i, f"echo:q{i}".encode()
+            )
+        assert len(relay.flows) == 3
+    finally:
+        relay.close()
+        transport.close()
+        tun.close()
+        kernel.close()
+
+
+class _Collector:
+    """A StreamHandler that gathers what the peer sends."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.eof = asyncio.Event()
+
+    def stream_data(self, data: bytes) -> None:
+        self.data += data
+
+    def stream_eof(self) -> None:
+        self.eof.set()
+
+    def stream_reset(self) -> None:
+        self.eof.set()
+
+    def stream_writable(self) -> None:
+        pass
+
+    def dial_result(self, error: object, message: str) -> None:
+        pass
+
+
+async def test_data_sent_in_the_same_batch_as_the_open_is_not_lost(world: World) -> None:
+    """The manager must attach the flow before its dial completes: bytes written right
+    behind the OPEN arrive in the same read as the OPEN itself."""
+    await world.pool.start()
+    collector = _Collector()
+    stream = world.pool.open_stream(Dial(IPProtocol.TCP, "127.0.0.1", world.echo_port), collector)
+    stream.write(b"first bytes")
+    stream.close()
+    await asyncio.wait_for(collector.eof.wait(), 10)
+    assert bytes(collector.data) == b"first bytes"
