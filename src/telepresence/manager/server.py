@@ -166,9 +166,7 @@ class TunnelConnection(asyncio.Protocol):
     async def _dial_udp(self, stream: TunnelStream, flow: UdpDial, dial: Dial) -> None:
         loop = asyncio.get_running_loop()
         try:
-            await loop.create_datagram_endpoint(
-                lambda: flow, remote_addr=(dial.address, dial.port)
-            )
+            await loop.create_datagram_endpoint(lambda: flow, remote_addr=(dial.address, dial.port))
         except OSError as e:
             stream.reject(DialError.UNREACHABLE, e.strerror or str(e))
             return
