@@ -47,7 +47,8 @@ def laptop_state(cluster: Cluster) -> dict[str, str]:
         "telepresence processes": "\n".join(
             line
             for line in root("ps", "-eo", "user,args").splitlines()
-            if "telepresence" in line and "ps -eo" not in line
+            if re.search(r"telepresence\.(daemon|netfilter|cli)|telepresence-helper", line)
+            and "ps -eo" not in line
         ),
     }
 
@@ -207,7 +208,10 @@ def test_a_closed_port_is_refused_at_once(connected: Cluster) -> None:
     svc_ip = connected.get("service", "verylargejavaservice", "-n", "default")["spec"]["clusterIP"]
     started = time.monotonic()
     out = curl(connected, f"http://{svc_ip}:9999/")
-    assert out.returncode == 7, out.stderr  # curl: failed to connect
+    # The kernel accepted the redirected connection locally; the failed dial in the cluster
+    # resets it at once: refused or reset, never "connected, then an empty reply" (52).
+    assert out.returncode in (7, 56), out.stderr
+    assert "reset" in out.stderr or "refused" in out.stderr, out.stderr
     assert time.monotonic() - started < 3
 
 

@@ -253,3 +253,24 @@ async def test_data_sent_in_the_same_batch_as_the_open_is_not_lost(world: World)
     stream.close()
     await asyncio.wait_for(collector.eof.wait(), 10)
     assert bytes(collector.data) == b"first bytes"
+
+
+async def test_a_server_that_speaks_first_is_heard(world: World) -> None:
+    """Banner protocols (SSH, SMTP, MySQL) write before reading: their first bytes can reach
+    the manager before it has accepted the stream, and must wait, not vanish."""
+
+    async def banner(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 hello\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(banner, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    await world.pool.start()
+    try:
+        for _ in range(20):
+            reader, writer = await _splice(world, port)
+            assert await asyncio.wait_for(reader.read(-1), 10) == b"220 hello\r\n"
+            writer.close()
+    finally:
+        server.close()

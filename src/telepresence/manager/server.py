@@ -174,6 +174,7 @@ class TunnelConnection(asyncio.Protocol):
             flow.stream_reset()
         else:
             stream.accept()
+            flow.accepted()
 
     async def _dial_tcp(self, stream: TunnelStream, flow: SocketFlow, dial: Dial) -> None:
         loop = asyncio.get_running_loop()
@@ -212,9 +213,14 @@ class UdpDial(asyncio.DatagramProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # The selector loop's datagram transport does not subclass DatagramTransport.
         self.transport = cast(asyncio.DatagramTransport, transport)
+
+    def accepted(self) -> None:
+        """Sends what the laptop sent before the socket existed. Only now, after the
+        stream is accepted, may replies be carried back, so none is sent earlier."""
         early, self._early = self._early, []
-        for data in early:
-            self.transport.sendto(data)
+        if self.transport is not None:
+            for data in early:
+                self.transport.sendto(data)
 
     def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
         self.stream.send_datagram(data)
@@ -224,7 +230,7 @@ class UdpDial(asyncio.DatagramProtocol):
         log.debug("UDP flow error: %s", exc)
 
     def stream_data(self, data: bytes) -> None:
-        if self.transport is None:
+        if self.transport is None or not self.stream.ready:
             self._early.append(data)
         elif not self.transport.is_closing():
             self.transport.sendto(data)

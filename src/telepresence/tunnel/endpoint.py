@@ -50,10 +50,15 @@ class StreamHandler(Protocol):
 class TunnelStream:
     """One flow inside a tunnel. Writes beyond the peer's credit wait here, in order."""
 
-    def __init__(self, tunnel: Tunnel, stream_id: int, protocol: IPProtocol) -> None:
+    def __init__(
+        self, tunnel: Tunnel, stream_id: int, protocol: IPProtocol, *, ready: bool
+    ) -> None:
         self.tunnel = tunnel
         self.id = stream_id
         self.protocol = protocol
+        # A stream the peer opened may not carry data until we accept it; the dialled
+        # socket can answer before that, so its first bytes wait in `_pending`.
+        self.ready = ready
         self.handler: StreamHandler | None = None
         self._pending: deque[bytes | memoryview] = deque()
         self._pending_size = 0
@@ -69,7 +74,7 @@ class TunnelStream:
         if self.closed or not data:
             return
         conn = self.tunnel.conn
-        if not self._pending:
+        if self.ready and not self._pending:
             try:
                 taken = conn.send_data(self.id, data)
             except LocalProtocolError:
@@ -124,9 +129,13 @@ class TunnelStream:
         self.tunnel.flush()
 
     def accept(self) -> None:
-        with contextlib.suppress(LocalProtocolError):
+        try:
             self.tunnel.conn.accept_stream(self.id)
-        self.tunnel.flush()
+        except LocalProtocolError:
+            self.tunnel.flush()
+            return
+        self.ready = True
+        self._window_opened()
 
     def reject(self, error: DialError, message: str) -> None:
         self.closed = True
@@ -136,6 +145,8 @@ class TunnelStream:
         self.tunnel.flush()
 
     def _window_opened(self) -> None:
+        if not self.ready:
+            return
         conn = self.tunnel.conn
         while self._pending:
             head = self._pending[0]
@@ -192,7 +203,7 @@ class Tunnel:
 
     def open_stream(self, dial: Dial, handler: StreamHandler) -> TunnelStream:
         stream_id = self.conn.open_stream(dial)
-        stream = TunnelStream(self, stream_id, dial.protocol)
+        stream = TunnelStream(self, stream_id, dial.protocol, ready=True)
         stream.handler = handler
         self.streams[stream_id] = stream
         self.flush()
@@ -230,7 +241,7 @@ class Tunnel:
             if stream is not None:
                 stream._window_opened()
         elif isinstance(event, StreamOpened):
-            stream = TunnelStream(self, event.stream_id, event.dial.protocol)
+            stream = TunnelStream(self, event.stream_id, event.dial.protocol, ready=False)
             self.streams[event.stream_id] = stream
             if self._on_open is None:
                 stream.reject(DialError.REFUSED, "this side accepts no streams")
