@@ -274,3 +274,28 @@ async def test_a_server_that_speaks_first_is_heard(world: World) -> None:
             writer.close()
     finally:
         server.close()
+
+
+async def test_the_pool_rejoins_a_restarted_manager_even_while_some_links_live(
+    world: World,
+) -> None:
+    """A new manager rejects Remain for a session it never saw; the pool must then arrive
+    again instead of reopening the lost link forever."""
+    await world.pool.start()
+    first_session = world.pool.session_id
+    world.manager.sessions.clear()
+    await world.pool.tunnels[0].pf.close()  # type: ignore[attr-defined]
+
+    async def rejoined() -> None:
+        while not (
+            world.pool.session_id != first_session
+            and world.pool.session_id in world.manager.sessions
+            and len(world.pool.tunnels) == 2
+        ):
+            await asyncio.sleep(0.05)
+
+    await asyncio.wait_for(rejoined(), 15)
+    reader, writer = await _splice(world, world.echo_port)
+    writer.write(b"again")
+    writer.write_eof()
+    assert await asyncio.wait_for(reader.read(-1), 10) == b"again"

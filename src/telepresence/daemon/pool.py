@@ -21,6 +21,7 @@ from telepresence.k8s.portforward import PortForward
 from telepresence.tunnel.endpoint import Buffers, StreamHandler, Tunnel, TunnelStream
 from telepresence.tunnel.frames import Dial
 from telepresence.tunnel.messages import (
+    UNKNOWN_SESSION,
     Arrive,
     ArriveOk,
     ClusterInfo,
@@ -158,6 +159,7 @@ class ManagerPool:
         self._tasks: list[asyncio.Task[None]] = []
         self._changed = asyncio.Event()
         self._closing = False
+        self._session_lost = False
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -197,6 +199,9 @@ class ManagerPool:
             self.tunnels.remove(t)
             if not self._closing:
                 log.info("tunnel closed: %s", reason)
+        if UNKNOWN_SESSION in reason:
+            # A new manager that never saw our session: every tunnel must arrive again.
+            self._session_lost = True
         self._changed.set()
 
     async def _keep_full(self) -> None:
@@ -207,9 +212,13 @@ class ManagerPool:
             self._changed.clear()
             while not self._closing and len(self.tunnels) < self.size:
                 try:
-                    if not self.tunnels:
+                    if self._session_lost or not self.tunnels:
                         # The manager restarted or every link broke: arrive afresh.
                         log.info("re-joining the traffic manager")
+                        self._session_lost = False
+                        for stale in list(self.tunnels):
+                            await stale.close()
+                        self.tunnels.clear()
                         for fut in self._dns.values():
                             if not fut.done():
                                 fut.set_exception(PoolUnavailable("reconnecting"))

@@ -24,6 +24,7 @@ from telepresence.tunnel.endpoint import Buffers, Tunnel, TunnelStream
 from telepresence.tunnel.flows import SocketFlow
 from telepresence.tunnel.frames import Dial, DialError, IPProtocol
 from telepresence.tunnel.messages import (
+    UNKNOWN_SESSION,
     Arrive,
     ArriveOk,
     ClusterInfo,
@@ -125,7 +126,7 @@ class TunnelConnection(asyncio.Protocol):
             session = m.sessions.get(message.session_id)
             if session is None:
                 # Expired, or this manager restarted: the laptop must arrive again.
-                self.close("unknown session")
+                self.close(UNKNOWN_SESSION)
                 return
             session.last_seen = time.monotonic()
             session.tunnels.add(self)

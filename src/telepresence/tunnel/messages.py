@@ -69,6 +69,10 @@ class DnsAnswer(msgspec.Struct, frozen=True, tag="dns-answer"):
     message: bytes = b""
 
 
+# The GOAWAY reason a manager gives for a session it does not know (it restarted, or the
+# session expired): the laptop must arrive again on every tunnel.
+UNKNOWN_SESSION = "unknown session"
+
 ControlMessage = Arrive | ArriveOk | Remain | Depart | ClusterInfo | DnsLookup | DnsAnswer
 
 _encoder = msgspec.msgpack.Encoder()
