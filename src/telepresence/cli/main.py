@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from telepresence import __version__
-from telepresence.cli import client, render
+from telepresence.cli import client, render, settings
 
 HELPER_COMMAND = "telepresence-helper"
 
@@ -51,6 +51,18 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="show the connection")
     p.add_argument("-o", "--output", choices=["text", "json"], default="text")
     sub.add_parser("quit", help="disconnect and undo every change on this machine")
+    p = sub.add_parser("intercept", help="start a local-only intercept (names of NS resolve)")
+    p.add_argument("name")
+    p.add_argument("-n", "--namespace", required=True)
+    p.add_argument(
+        "--local-only",
+        action="store_true",
+        required=True,
+        help="change nothing in the cluster; put NAMESPACE on the search path",
+    )
+    p = sub.add_parser("leave", help="end an intercept")
+    p.add_argument("name")
+    sub.add_parser("list", help="list intercepts")
     sub.add_parser("version", help="show the version")
     p = sub.add_parser("manifests", help="print the traffic manager's manifests (for GitOps)")
     p.add_argument("--manager-image", help="traffic manager image reference")
@@ -94,18 +106,52 @@ def cmd_connect(args: argparse.Namespace) -> int:
     if not status["user_daemon"]["running"]:
         print("Launching Telepresence Daemon ...", flush=True)
         client.launch_daemon(debug=args.debug)
+    config = settings.load()
     request: dict[str, Any] = {
         "cmd": "connect",
         "kubeconfig": args.kubeconfig,
         "context": args.context,
         "namespace": args.namespace,
-        "manager_image": args.manager_image,
-        "manager_namespace": args.manager_namespace,
+        "manager_image": args.manager_image or config.manager_image,
+        "manager_namespace": args.manager_namespace or config.manager_namespace,
+        "mapped_namespaces": settings.parse_mapped_namespaces(args.mapped_namespaces),
+        "also_proxy": settings.cidrs(args.also_proxy, "--also-proxy") or config.also_proxy,
+        "never_proxy": settings.cidrs(args.never_proxy, "--never-proxy") or config.never_proxy,
+        "allow_conflicting_subnets": settings.cidrs(
+            args.allow_conflicting_subnets, "--allow-conflicting-subnets"
+        )
+        or config.allow_conflicting_subnets,
         "env": dict(os.environ),
     }
     result = client.request_with_progress(request, render.Progress(sys.stdout))
     print(f"Connected to context {result['context']} ({result['server']})")
+    for warning in result.get("warnings", []):
+        print(f"Warning: {warning}", file=sys.stderr)
     return 0
+
+
+def cmd_intercept(args: argparse.Namespace) -> int:
+    _daemon_call({"cmd": "intercept", "name": args.name, "namespace": args.namespace})
+    return 0
+
+
+def cmd_leave(args: argparse.Namespace) -> int:
+    _daemon_call({"cmd": "leave", "name": args.name})
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    result = _daemon_call({"cmd": "list"})
+    for item in result["intercepts"]:
+        print(f"{item['name']}: {item['kind']} intercept (namespace {item['namespace']})")
+    return 0
+
+
+def _daemon_call(message: dict[str, Any]) -> dict[str, Any]:
+    result = client.request(message)
+    if result is None:
+        raise CliError("not connected; run `telepresence connect` first")
+    return result
 
 
 def cmd_version(args: argparse.Namespace) -> int:
@@ -128,12 +174,15 @@ def main(argv: list[str] | None = None) -> None:
         "status": cmd_status,
         "quit": cmd_quit,
         "manifests": cmd_manifests,
+        "intercept": cmd_intercept,
+        "leave": cmd_leave,
+        "list": cmd_list,
         "version": cmd_version,
     }
     started = time.monotonic()
     try:
         code = commands[args.command](args)
-    except (client.DaemonError, CliError) as e:
+    except (client.DaemonError, CliError, settings.SettingsError) as e:
         print(f"telepresence {args.command}: {e}", file=sys.stderr)
         code = 1
     except KeyboardInterrupt:

@@ -111,6 +111,10 @@ __all__ = [
     "udp_size_limit",
 ]
 
+# Told the addresses of a fresh cluster answer; may be a coroutine (adding a route takes a
+# round trip to the network helper), awaited before the client gets the answer.
+ClusterAnswerHook = Callable[[list[IPv4Address]], Awaitable[None] | None]
+
 log = logging.getLogger("telepresence.daemon.dns")
 
 #: Asks the cluster's resolver for one absolute name and query type; returns
@@ -374,7 +378,7 @@ class Resolver:
         cluster_subnets: Callable[[], Sequence[IPv4Network]],
         cluster_lookup: ClusterLookup,
         forward: Forward,
-        on_cluster_answer: Callable[[list[IPv4Address]], None] | None = None,
+        on_cluster_answer: ClusterAnswerHook | None = None,
         settings: DnsSettings = DnsSettings(),
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -507,7 +511,9 @@ class Resolver:
                 # Before the client sees the answer, so the route to an
                 # address outside the routed subnets exists when it connects.
                 try:
-                    self._on_cluster_answer(addresses)
+                    pending = self._on_cluster_answer(addresses)
+                    if pending is not None:
+                        await pending
                 except Exception:
                     log.exception("on_cluster_answer failed")
         return self._cache.put(name, qtype, message)
@@ -576,7 +582,7 @@ class DnsServer:
         cluster_lookup: ClusterLookup,
         upstream: tuple[str, int],
         upstream_socket: UpstreamSocket,
-        on_cluster_answer: Callable[[list[IPv4Address]], None] | None = None,
+        on_cluster_answer: ClusterAnswerHook | None = None,
         host: str = "127.0.0.1",
         port: int = 0,
         settings: DnsSettings = DnsSettings(),

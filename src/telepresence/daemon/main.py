@@ -77,6 +77,8 @@ class Daemon:
                 send({"result": self.status()})
             elif cmd == "connect":
                 await self._connect(req, send)
+            elif cmd in ("intercept", "leave", "list"):
+                send(self._intercepts(cmd, req))
             elif cmd == "quit":
                 send({"result": {"pid": os.getpid()}})
                 await writer.drain()
@@ -117,6 +119,19 @@ class Daemon:
                 return
             self.session = session
             send({"result": result})
+
+    def _intercepts(self, cmd: str, req: dict[str, Any]) -> dict[str, Any]:
+        session = self.session
+        if session is None or not session.connected:
+            return {"error": "not connected; run `telepresence connect` first"}
+        try:
+            if cmd == "intercept":
+                session.intercept(req["name"], req["namespace"])
+            elif cmd == "leave":
+                session.leave(req["name"])
+        except ConnectError as e:
+            return {"error": str(e)}
+        return {"result": {"intercepts": session.status()["user_daemon"]["intercept_list"]}}
 
     def _session_lost(self, reason: str) -> None:
         """The network helper died: without it nothing routes, so stop cleanly."""

@@ -26,10 +26,12 @@ import aiohttp
 import dns.message
 
 from telepresence import __version__, paths
+from telepresence.daemon import nsswitch
 from telepresence.daemon.dns import DnsServer
 from telepresence.daemon.dnsrules import NameRules
 from telepresence.daemon.pool import ManagerPool, PoolUnavailable
 from telepresence.daemon.proxy import TransparentProxy
+from telepresence.daemon.udp import UdpRelay
 from telepresence.k8s import kubeconfig
 from telepresence.k8s.api import ApiUnreachable, Changed, KubeApi, KubeError, Listed
 from telepresence.k8s.install import ensure_manager, find_manager_pod
@@ -59,16 +61,26 @@ class ConnectRequest:
     namespace: str | None = None
     manager_image: str | None = None
     manager_namespace: str | None = None
+    # None: every namespace the user may list, followed live.
+    mapped_namespaces: tuple[str, ...] | None = None
+    also_proxy: tuple[str, ...] = ()
+    never_proxy: tuple[str, ...] = ()
+    allow_conflicting_subnets: tuple[str, ...] = ()
     env: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_json(cls, req: dict[str, Any]) -> ConnectRequest:
+        mapped = req.get("mapped_namespaces")
         return cls(
             kubeconfig=req.get("kubeconfig"),
             context=req.get("context"),
             namespace=req.get("namespace"),
             manager_image=req.get("manager_image"),
             manager_namespace=req.get("manager_namespace"),
+            mapped_namespaces=None if mapped is None else tuple(mapped),
+            also_proxy=tuple(req.get("also_proxy") or ()),
+            never_proxy=tuple(req.get("never_proxy") or ()),
+            allow_conflicting_subnets=tuple(req.get("allow_conflicting_subnets") or ()),
             env=dict(req.get("env") or {}),
         )
 
@@ -141,6 +153,10 @@ class Session:
         self.manager_namespace = request.manager_namespace or DEFAULT_NAMESPACE
         self.manager_pod = ""
         self.dns_port = 0
+        self.udp: UdpRelay | None = None
+        self.host_routes: set[IPv4Address] = set()
+        # Local-only intercepts: name -> namespace put on the search path.
+        self.intercepts: dict[str, str] = {}
         self.tasks: list[asyncio.Task[None]] = []
         self._subnet_lock = asyncio.Lock()
 
@@ -222,10 +238,12 @@ class Session:
                 debug=self.debug,
             )
         except HelperError as e:
-            raise ConnectError(
-                f"telepresence needs root for its network helper and sudo refused: {e}; "
-                f"allow `sudo {shutil.which(HELPER_COMMAND)}` for your user"
-            ) from e
+            if "password" in str(e) or "sudo" in str(e):
+                raise ConnectError(
+                    f"telepresence needs root for its network helper and sudo refused ({e}); "
+                    f"allow `sudo {shutil.which(HELPER_COMMAND)}` for your user"
+                ) from e
+            raise ConnectError(f"the network helper failed to start: {e}") from e
         try:
             result = await self.helper.setup(
                 subnets=self._cluster_subnets(),
@@ -252,7 +270,13 @@ class Session:
 
     def connect_result(self) -> dict[str, Any]:
         assert self.access is not None
-        return {"context": self.access.context, "server": self.access.server}
+        domain = self.cluster_info.cluster_domain if self.cluster_info else "cluster.local"
+        warning = nsswitch.check(domain)
+        return {
+            "context": self.access.context,
+            "server": self.access.server,
+            "warnings": [warning] if warning else [],
+        }
 
     async def _open_forward(self) -> PortForward:
         assert self.api is not None and self.access is not None and self.http is not None
@@ -301,21 +325,67 @@ class Session:
                 log.info("namespace watch: %s", e)
             await asyncio.sleep(2)
 
+    def search_namespaces(self) -> tuple[str, ...]:
+        """`connect --namespace` first, then local-only intercepts in the order made."""
+        found = [self.request.namespace] if self.request.namespace else []
+        found += list(self.intercepts.values())
+        return tuple(dict.fromkeys(found))
+
+    def mapped_namespaces(self) -> list[str]:
+        if self.request.mapped_namespaces is None:
+            return sorted(self.namespaces)
+        return sorted(self.request.mapped_namespaces)
+
     def name_rules(self) -> NameRules:
         info = self.cluster_info
+        mapped = self.request.mapped_namespaces
         return NameRules(
             cluster_domain=info.cluster_domain if info else "cluster.local",
-            all_namespaces=True,
+            mapped_namespaces=frozenset(mapped or ()),
+            all_namespaces=mapped is None,
             live_namespaces=self.namespaces,
-            search_namespaces=(self.request.namespace,) if self.request.namespace else (),
+            search_namespaces=self.search_namespaces(),
             local_search_domains=self.resolv.search,
         )
 
     def _cluster_subnets(self) -> list[str]:
         info = self.cluster_info
         if info is None:
-            return []
-        return [*info.service_subnets, *info.pod_subnets]
+            return list(self.request.also_proxy)
+        return [*info.service_subnets, *info.pod_subnets, *self.request.also_proxy]
+
+    async def _route_answer(self, addresses: list[IPv4Address]) -> None:
+        """Addresses that the cluster's DNS gave (ExternalName targets, selector-less
+        endpoints) and that no routed subnet covers get a host route for the session.
+        Only cluster answers reach here, never the laptop's own resolver's."""
+        missing = [
+            a
+            for a in addresses
+            if a not in self.host_routes and not any(a in n for n in self.routed)
+        ]
+        if not missing or self.helper is None:
+            return
+        try:
+            result = await self.helper.add_host_routes(missing)
+        except HelperError as e:
+            log.warning("routing %s: %s", ", ".join(map(str, missing)), e)
+            return
+        self.host_routes = set(result.hosts)
+        for reason in result.skipped:
+            log.info("not routed: %s", reason)
+
+    # --- local-only intercepts -------------------------------------------------------
+
+    def intercept(self, name: str, namespace: str) -> None:
+        if name in self.intercepts:
+            raise ConnectError(
+                f"intercept {name} already exists; `telepresence leave {name}` first"
+            )
+        self.intercepts[name] = namespace
+
+    def leave(self, name: str) -> None:
+        if self.intercepts.pop(name, None) is None:
+            raise ConnectError(f"no intercept named {name}; `telepresence list` shows them")
 
     def _on_cluster_info(self, info: ClusterInfo) -> None:
         changed = self.cluster_info is not None and info != self.cluster_info
@@ -377,6 +447,9 @@ class Session:
                     "cluster_names": f"*.{domain}, <svc>.<namespace> for mapped namespaces",
                 },
                 "subnets": [str(s) for s in self.routed],
+                "host_routes": sorted(str(h) for h in self.host_routes),
+                "also_proxy": list(self.request.also_proxy),
+                "never_proxy": list(self.request.never_proxy),
             },
             "user_daemon": {
                 "running": True,
@@ -390,9 +463,14 @@ class Session:
                 "tunnel_connections": pool.connections if pool else 0,
                 "reconnects": pool.reconnects if pool else 0,
                 "proxy": "ON" if self.connected else "OFF",
-                "mapped_namespaces": sorted(self.namespaces),
-                "search_namespaces": [self.request.namespace] if self.request.namespace else [],
-                "intercepts": 0,
+                "mapped_namespaces": self.mapped_namespaces(),
+                "all_namespaces_mapped": self.request.mapped_namespaces is None,
+                "search_namespaces": list(self.search_namespaces()),
+                "intercepts": len(self.intercepts),
+                "intercept_list": [
+                    {"name": n, "namespace": ns, "kind": "local-only"}
+                    for n, ns in self.intercepts.items()
+                ],
                 "service_subnets": list(info.service_subnets) if info else [],
                 "pod_subnets": list(info.pod_subnets) if info else [],
             },
@@ -407,6 +485,8 @@ class Session:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         steps: list[tuple[str, Callable[[], Any]]] = []
+        if self.udp is not None:
+            steps.append(("udp relay", self.udp.close))
         if self.helper is not None:
             steps.append(("network helper", self.helper.teardown))
         if self.tun_fd is not None:
