@@ -339,3 +339,77 @@ def test_unreachable_api_server_fails_with_one_line_and_leaves_nothing(
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and "cannot reach the API server" in lines[0], out.stderr
     assert laptop_state(cluster) == baseline
+
+
+STALL_SCRIPT = r"""
+import hashlib, json, socket, sys, time
+host, stalled, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+request = b"GET /bytes/1073741824 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+idle = []
+for _ in range(stalled):  # enough to put a stalled flow on every pooled connection
+    s = socket.create_connection((host, 8080), timeout=10)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+    s.sendall(request)
+    idle.append(s)
+print("stalled", flush=True)
+sys.stdin.readline()  # the test measures the daemon's memory while these stall
+t = time.monotonic()
+s = socket.create_connection((host, 8080), timeout=30)
+s.sendall(f"GET /bytes/{size} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+data = bytearray()
+while chunk := s.recv(1 << 20):
+    data += chunk
+body = bytes(data).partition(b"\r\n\r\n")[2]
+print(json.dumps({"seconds": time.monotonic() - t, "bytes": len(body),
+                  "sha256": hashlib.sha256(body).hexdigest()}), flush=True)
+"""
+
+
+def _daemon_rss_kib(cluster: Cluster) -> int:
+    pid = cluster.laptop("pgrep", "-u", "tpuser", "-f", "telepresence.daemon").stdout.split()[0]
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("VmRSS")).split()[1])
+
+
+def test_stalled_readers_do_not_stop_another_download_and_memory_stays_bounded(
+    connected: Cluster,
+) -> None:
+    c = connected
+    size = 50 * 1024 * 1024
+    rss_before = _daemon_rss_kib(c)
+    proc = subprocess.Popen(
+        [
+            VENV_PYTHON,
+            "-m",
+            "devcluster.cli",
+            "laptop",
+            "--",
+            VENV_PYTHON,
+            "-c",
+            STALL_SCRIPT,
+            "verylargejavaservice.default",
+            "8",
+            str(size),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None and proc.stdin is not None
+        assert proc.stdout.readline().strip() == "stalled"
+        # The stalled flows fill every buffer they are allowed while we sample (each sample
+        # takes a process start, which paces the loop); memory must stay flat.
+        samples = [_daemon_rss_kib(c) for _ in range(20)]
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        result = json.loads(proc.stdout.readline())
+        assert proc.wait(timeout=60) == 0
+    finally:
+        proc.kill()
+    assert result["bytes"] == size
+    assert result["sha256"] == hashlib.sha256(pattern_bytes(size)).hexdigest()
+    # 8 stalled flows may each hold about one window (256 KiB) plus socket buffers; the
+    # daemon must not buffer the gigabyte each of them asked for.
+    assert max(samples) - rss_before < 48 * 1024, (rss_before, samples)
+    assert _daemon_rss_kib(c) - rss_before < 64 * 1024

@@ -546,11 +546,12 @@ def namespaces_usable() -> bool:
     )
 
 
-@pytest.mark.skipif(not namespaces_usable(), reason="needs root, unshare, ip and getent")
 def test_glibc_accepts_the_answers(tmp_path: Path) -> None:
     """glibc (getent, getaddrinfo) in a private network and mount namespace whose
     /etc/resolv.conf points at the server on 127.0.0.1:53; the real files and
     network are untouched."""
+    if not namespaces_usable():
+        pytest.fail("needs root with unshare, ip and getent: run the tests as root")
     (tmp_path / "resolv.conf").write_text("nameserver 127.0.0.1\nsearch ns.svc.cluster.local\n")
     (tmp_path / "hosts").write_text("127.0.0.1 localhost\n")
     (tmp_path / "probe.py").write_text(PROBE)

@@ -48,6 +48,29 @@ def parser() -> argparse.ArgumentParser:
         default=None,
         help="namespace of the traffic manager (default ambassador)",
     )
+    p.add_argument(
+        "--mapped-namespaces",
+        metavar="NS,NS",
+        help="only these namespaces resolve as <svc>.<ns> (default: all you may list)",
+    )
+    p.add_argument(
+        "--also-proxy",
+        metavar="CIDR,CIDR",
+        default="",
+        help="route these subnets to the cluster too",
+    )
+    p.add_argument(
+        "--never-proxy",
+        metavar="CIDR,CIDR",
+        default="",
+        help="never route these subnets to the cluster",
+    )
+    p.add_argument(
+        "--allow-conflicting-subnets",
+        metavar="CIDR,CIDR",
+        default="",
+        help="route these subnets even where they overlap a route of this machine",
+    )
     p = sub.add_parser("status", help="show the connection")
     p.add_argument("-o", "--output", choices=["text", "json"], default="text")
     sub.add_parser("quit", help="disconnect and undo every change on this machine")

@@ -461,6 +461,7 @@ class Session:
                 "manager_pod": self.manager_pod,
                 "manager_version": pool.manager_version if pool else "",
                 "tunnel_connections": pool.connections if pool else 0,
+                "udp_flows": len(self.udp.flows) if self.udp else 0,
                 "reconnects": pool.reconnects if pool else 0,
                 "proxy": "ON" if self.connected else "OFF",
                 "mapped_namespaces": self.mapped_namespaces(),

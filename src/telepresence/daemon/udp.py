@@ -23,7 +23,8 @@ from telepresence.tunnel.frames import Dial, DialError, IPProtocol
 log = logging.getLogger("telepresence.udp")
 
 FlowKey = tuple[IPv4Address, int, IPv4Address, int]
-IDLE_TIMEOUT = 60.0
+# Like a NAT's UDP mapping: a flow with no datagram either way for this long is gone.
+IDLE_TIMEOUT = 30.0
 MAX_FLOWS = 4096
 
 

@@ -1,0 +1,131 @@
+"""The CLI's pure parts: flags, list parsing, config, and the status layout."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from telepresence.cli import render, settings
+from telepresence.cli.main import parser
+
+
+def test_connect_flags_parse() -> None:
+    args = parser().parse_args(
+        [
+            "connect",
+            "--context",
+            "c",
+            "-n",
+            "ns",
+            "--mapped-namespaces",
+            "a,b",
+            "--also-proxy",
+            "10.0.0.0/8",
+            "--never-proxy",
+            "10.0.5.0/24",
+            "--allow-conflicting-subnets",
+            "10.96.0.0/16",
+            "--manager-image",
+            "img:1",
+        ]
+    )
+    assert (args.context, args.namespace, args.mapped_namespaces) == ("c", "ns", "a,b")
+    assert (args.also_proxy, args.never_proxy) == ("10.0.0.0/8", "10.0.5.0/24")
+    assert args.allow_conflicting_subnets == "10.96.0.0/16"
+
+
+def test_intercept_requires_local_only() -> None:
+    with pytest.raises(SystemExit):
+        parser().parse_args(["intercept", "x", "--namespace", "ns"])
+    args = parser().parse_args(["intercept", "x", "--namespace", "ns", "--local-only"])
+    assert (args.name, args.namespace, args.local_only) == ("x", "ns", True)
+
+
+def test_cidr_lists_and_their_errors() -> None:
+    assert settings.cidrs("10.0.0.0/8, 192.168.1.5", "--also-proxy") == [
+        "10.0.0.0/8",
+        "192.168.1.5/32",
+    ]
+    assert settings.cidrs("", "--also-proxy") == []
+    with pytest.raises(settings.SettingsError, match=r"--also-proxy: '10\.0\.0\.300/8'"):
+        settings.cidrs("10.0.0.300/8", "--also-proxy")
+    with pytest.raises(settings.SettingsError, match="CIDR"):
+        settings.cidrs("10.0.0.5/8", "--never-proxy")  # host bits set
+
+
+def test_mapped_namespaces() -> None:
+    assert settings.parse_mapped_namespaces(None) is None
+    assert settings.parse_mapped_namespaces("all") is None
+    assert settings.parse_mapped_namespaces("a, b-2") == ["a", "b-2"]
+    with pytest.raises(settings.SettingsError, match="Bad_NS"):
+        settings.parse_mapped_namespaces("Bad_NS")
+
+
+def test_config_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
+    assert settings.load() == settings.Config()
+    path = tmp_path / "telepresence" / "config.yml"
+    path.parent.mkdir()
+    path.write_text("manager:\n  image: img:2\nrouting:\n  neverProxy: [10.0.5.0/24]\n")
+    config = settings.load()
+    assert config.manager_image == "img:2" and config.never_proxy == ["10.0.5.0/24"]
+    path.write_text("routing:\n  alsoProxy: [nonsense]\n")
+    with pytest.raises(settings.SettingsError, match="alsoProxy"):
+        settings.load()
+
+
+def test_status_text_not_running_and_connected() -> None:
+    text = render.status_text(
+        {"user_daemon": {"running": False}, "root_daemon": {"running": False}}
+    )
+    assert "Root Daemon: Not running" in text and "User Daemon: Not running" in text
+    text = render.status_text(
+        {
+            "root_daemon": {
+                "running": True,
+                "version": "0.1.0",
+                "subnets": ["10.96.0.0/16"],
+                "dns": {"nameservers": ["192.0.2.53"]},
+            },
+            "user_daemon": {
+                "running": True,
+                "version": "0.1.0",
+                "status": "Connected",
+                "kubernetes_server": "https://k",
+                "kubernetes_context": "ctx",
+                "mapped_namespaces": ["a"],
+                "intercepts": 1,
+            },
+        }
+    )
+    assert "Telepresence proxy: ON (networking to the cluster is enabled)" in text
+    assert "Intercepts        : 1 total" in text
+    assert "- 10.96.0.0/16" in text
+
+
+def test_status_imports_no_asyncio_and_works_without_a_daemon(tmp_path: Path) -> None:
+    """`status` answers without asyncio, aiohttp or the Kubernetes client."""
+    code = (
+        "import sys; from telepresence.cli import main; "
+        "bad = [m for m in ('asyncio', 'aiohttp', 'telepresence.k8s.api') if m in sys.modules];"
+        "print(bad)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"PYTHONPATH": str(Path(__file__).parents[2] / "src"), "HOME": str(tmp_path)},
+    )
+    assert out.stdout.strip() == "[]"
+    result = subprocess.run(
+        [sys.executable, "-m", "telepresence.cli", "status"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"PYTHONPATH": str(Path(__file__).parents[2] / "src"), "HOME": str(tmp_path)},
+    )
+    assert "User Daemon: Not running" in result.stdout
