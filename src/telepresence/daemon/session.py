@@ -228,6 +228,7 @@ class Session:
             cluster_lookup=self._cluster_lookup,
             upstream=(upstream, 53),
             upstream_socket=self._upstream_socket,
+            on_cluster_answer=self._route_answer,
         )
         self.dns_port = await self.dns.start()
 
@@ -252,11 +253,15 @@ class Session:
                 mark=DNS_MARK,
                 dns_nameservers=self.resolv.nameservers,
                 api_server_ips=api_server_addresses(access.server),
+                never_proxy=self.request.never_proxy,
+                allow_conflicting_subnets=self.request.allow_conflicting_subnets,
             )
         except HelperError as e:
             raise ConnectError(str(e)) from e
         self.tun_fd = result.tun_fd
         self.routed = result.routed
+        self.udp = UdpRelay(self.pool, self.tun_fd)
+        self.udp.start()
         self.tasks.append(asyncio.create_task(self._watch_helper(), name="watch-helper"))
         self.tasks.append(asyncio.create_task(self._watch_namespaces(), name="namespaces"))
         self.connected = True
