@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from devcluster.fixtures import http_app_manifest, to_yaml
+from devcluster.fixtures import deployment, http_app_manifest, to_yaml
+from devcluster.images import UDP_ECHO_IMAGE
 from devcluster.images.http import pattern_bytes
 from devcluster.network import pod_netns_name
 from tests.e2e.cluster import Cluster, wait_for
@@ -493,3 +494,29 @@ def test_a_stopped_process_restarts_and_a_deleted_pod_leaves_nothing(cluster: Cl
         what="the pod's network namespace to go away",
     )
     assert not Path(f"/proc/{second}").exists()
+
+
+def test_udp_echo_answers_through_its_cluster_ip_and_pod_ip(cluster: Cluster) -> None:
+    ns = "dc-udp"
+    cluster.kubectl("create", "namespace", ns, check=False)
+    cluster.apply(
+        to_yaml(
+            deployment(
+                name="udpecho",
+                namespace=ns,
+                image=UDP_ECHO_IMAGE,
+                port=9000,
+                protocol="UDP",
+                args=["--port", "9000"],
+            )
+        )
+    )
+    cluster.rollout("udpecho", ns)
+    pod = wait_for(lambda: cluster.ready_pods(ns, "app=udpecho"), timeout=60, what="udp pod")[0]
+    svc_ip = cluster.get("service", "udpecho", "-n", ns)["spec"]["clusterIP"]
+    client = (
+        "import socket, sys; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); "
+        "s.settimeout(5); s.sendto(b'ping', (sys.argv[1], 9000)); print(s.recv(100).decode())"
+    )
+    for target in (svc_ip, pod["status"]["podIP"]):
+        assert cluster.pod(VENV_PYTHON, "-c", client, target).stdout.strip() == "ping"
