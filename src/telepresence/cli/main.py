@@ -119,16 +119,7 @@ def cmd_quit(args: argparse.Namespace) -> int:
 
 
 def cmd_connect(args: argparse.Namespace) -> int:
-    status = client.status()
-    if status["user_daemon"].get("status") == "Connected":
-        ud = status["user_daemon"]
-        print(
-            f"Already connected to context {ud['kubernetes_context']} ({ud['kubernetes_server']})"
-        )
-        return 0
-    if not status["user_daemon"]["running"]:
-        print("Launching Telepresence Daemon ...", flush=True)
-        client.launch_daemon(debug=args.debug)
+    # Flags and config first: a bad value must fail before any process is started.
     config = settings.load()
     request: dict[str, Any] = {
         "cmd": "connect",
@@ -146,6 +137,16 @@ def cmd_connect(args: argparse.Namespace) -> int:
         or config.allow_conflicting_subnets,
         "env": dict(os.environ),
     }
+    status = client.status()
+    if status["user_daemon"].get("status") == "Connected":
+        ud = status["user_daemon"]
+        print(
+            f"Already connected to context {ud['kubernetes_context']} ({ud['kubernetes_server']})"
+        )
+        return 0
+    if not status["user_daemon"]["running"]:
+        print("Launching Telepresence Daemon ...", flush=True)
+        client.launch_daemon(debug=args.debug)
     result = client.request_with_progress(request, render.Progress(sys.stdout))
     print(f"Connected to context {result['context']} ({result['server']})")
     for warning in result.get("warnings", []):
