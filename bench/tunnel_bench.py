@@ -19,7 +19,9 @@ import json
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 from devcluster.cli import kubectl as admin_kubectl
@@ -33,14 +35,24 @@ PF_PORT = 18099
 # Runs on the measuring side: N requests, each on a fresh connection; prints JSON.
 LATENCY_CLIENT = r"""
 import json, socket, sys, time
+
+def get(s, path):
+    s.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += s.recv(65536)
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+    # Read by Content-Length: kubectl port-forward does not pass the server's close on.
+    while len(body) < length:
+        body += s.recv(65536)
+
 host, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 times = []
 for _ in range(n):
     t = time.perf_counter()
     s = socket.create_connection((host, port), timeout=10)
-    s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-    while s.recv(65536):
-        pass
+    get(s, "/")
     s.close()
     times.append(time.perf_counter() - t)
 print(json.dumps(times))
@@ -52,10 +64,13 @@ import json, socket, sys, time
 host, port, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 t = time.perf_counter()
 s = socket.create_connection((host, port), timeout=30)
-s.sendall(f"GET /bytes/{size} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+s.sendall(f"GET /bytes/{size} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
 buf = bytearray(1 << 20)
-got = 0
-while n := s.recv_into(buf):
+head = b""
+while b"\r\n\r\n" not in head:
+    head += s.recv(65536)
+got = len(head.partition(b"\r\n\r\n")[2])
+while got < size and (n := s.recv_into(buf)):
     got += n
 print(json.dumps({"seconds": time.perf_counter() - t, "bytes": got}))
 """
@@ -86,17 +101,38 @@ def kubectl(*args: str, input: str | None = None, check: bool = True) -> str:
     return admin_kubectl(Settings(), *args, input=input, check=check).stdout
 
 
-def measure(run: Any, host: str, port: int, *, size: int, requests: int) -> dict[str, float]:
-    download = json.loads(run(VENV_PYTHON, "-c", DOWNLOAD_CLIENT, host, str(port), str(size)))
+def _clients() -> tuple[str, str]:
+    """The two client scripts as files every user can read (the laptop runs them as its
+    unprivileged user, pods as root), so no shell quoting stands between them and Python."""
+    folder = Path(tempfile.mkdtemp(prefix="tp-bench-"))
+    folder.chmod(0o755)
+    paths = []
+    for name, text in (("download.py", DOWNLOAD_CLIENT), ("latency.py", LATENCY_CLIENT)):
+        path = folder / name
+        path.write_text(text)
+        path.chmod(0o644)
+        paths.append(str(path))
+    return paths[0], paths[1]
+
+
+DOWNLOAD, LATENCY = "", ""
+
+
+def _summary(download: dict[str, float], times: list[float], size: int) -> dict[str, float]:
     if download["bytes"] < size:
-        raise SystemExit(f"short download from {host}: {download['bytes']} of {size}")
-    times = json.loads(run(VENV_PYTHON, "-c", LATENCY_CLIENT, host, str(port), str(requests)))
-    times.sort()
+        raise SystemExit(f"short download: {download['bytes']} of {size}")
+    times = sorted(times)
     return {
         "MiB/s": size / download["seconds"] / 2**20,
         "p50 ms": statistics.median(times) * 1000,
         "p99 ms": times[int(len(times) * 0.99) - 1] * 1000,
     }
+
+
+def measure(run: Any, host: str, port: int, *, size: int, requests: int) -> dict[str, float]:
+    download = json.loads(run(VENV_PYTHON, DOWNLOAD, host, str(port), str(size)))
+    times = json.loads(run(VENV_PYTHON, LATENCY, host, str(port), str(requests)))
+    return _summary(download, times, size)
 
 
 def with_port_forward(pod_name: str, size: int, requests: int) -> dict[str, float]:
@@ -105,16 +141,11 @@ def with_port_forward(pod_name: str, size: int, requests: int) -> dict[str, floa
         f"trap 'kill $pf' EXIT; "
         f"for i in $(seq 1 100); do curl -s -o /dev/null http://127.0.0.1:{PF_PORT}/ && break; "
         f"sleep 0.1; done; "
-        f"{VENV_PYTHON} -c '{DOWNLOAD_CLIENT}' 127.0.0.1 {PF_PORT} {size}; "
-        f"{VENV_PYTHON} -c '{LATENCY_CLIENT}' 127.0.0.1 {PF_PORT} {requests}"
+        f"{VENV_PYTHON} {DOWNLOAD} 127.0.0.1 {PF_PORT} {size}; "
+        f"{VENV_PYTHON} {LATENCY} 127.0.0.1 {PF_PORT} {requests}"
     )
     out = laptop("sh", "-c", script).splitlines()
-    download, times = json.loads(out[0]), sorted(json.loads(out[1]))
-    return {
-        "MiB/s": size / download["seconds"] / 2**20,
-        "p50 ms": statistics.median(times) * 1000,
-        "p99 ms": times[int(len(times) * 0.99) - 1] * 1000,
-    }
+    return _summary(json.loads(out[0]), json.loads(out[1]), size)
 
 
 def main() -> None:
@@ -123,6 +154,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=300)
     args = parser.parse_args()
     size = args.size_mib * 2**20
+    global DOWNLOAD, LATENCY
+    DOWNLOAD, LATENCY = _clients()
     devcluster("up")
     kubectl("create", "namespace", NS, check=False)
     kubectl("apply", "-f", "-", input=http_app_manifest(name="bulk", namespace=NS))
