@@ -23,6 +23,8 @@ def cluster() -> Iterator[Cluster]:
     c = Cluster()
     was_up = c.devcluster("status", check=False).returncode == 0
     c.devcluster("up", "--sample-app")
+    # Start from a laptop with no session, whatever an earlier run left connected.
+    c.laptop("telepresence", "quit", timeout=120)
     yield c
     if not was_up and os.environ.get("DEVCLUSTER_KEEP") != "1":
         c.devcluster("down", check=False)

@@ -413,3 +413,56 @@ def test_stalled_readers_do_not_stop_another_download_and_memory_stays_bounded(
     # daemon must not buffer the gigabyte each of them asked for.
     assert max(samples) - rss_before < 48 * 1024, (rss_before, samples)
     assert _daemon_rss_kib(c) - rss_before < 64 * 1024
+
+
+def test_a_user_who_may_not_install_the_manager_gets_one_line_and_nothing_is_left(
+    cluster: Cluster, baseline: dict[str, str]
+) -> None:
+    ns = "tp-limited"
+    cluster.kubectl("create", "namespace", ns, check=False)
+    cluster.kubectl("create", "serviceaccount", "dev", "-n", ns, check=False)
+    cluster.kubectl(
+        "create", "role", "pods-only", "--verb=get,list", "--resource=pods", "-n", ns, check=False
+    )
+    cluster.kubectl(
+        "create",
+        "rolebinding",
+        "dev-pods",
+        "--role=pods-only",
+        f"--serviceaccount={ns}:dev",
+        "-n",
+        ns,
+        check=False,
+    )
+    token = cluster.kubectl("create", "token", "dev", "-n", ns).stdout.strip()
+    kubeconfig = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "current-context": "limited",
+        "clusters": [
+            {
+                "name": "dc",
+                "cluster": {"server": "https://192.0.2.1:6443", "insecure-skip-tls-verify": True},
+            }
+        ],
+        "users": [{"name": "dev", "user": {"token": token}}],
+        "contexts": [
+            {"name": "limited", "context": {"cluster": "dc", "user": "dev", "namespace": ns}}
+        ],
+    }
+    cluster.laptop("sh", "-c", "cat > $HOME/limited.kubeconfig", input=json.dumps(kubeconfig))
+    before_ns = cluster.kubectl("get", "namespaces", "-o", "name").stdout
+    out = cluster.laptop(
+        "telepresence",
+        "connect",
+        "--kubeconfig",
+        "/home/tpuser/limited.kubeconfig",
+        check=False,
+        timeout=120,
+    )
+    assert out.returncode != 0
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1, out.stderr
+    assert "telepresence manifests" in lines[0] or "forbidden" in lines[0].lower(), lines[0]
+    assert laptop_state(cluster) == baseline
+    assert cluster.kubectl("get", "namespaces", "-o", "name").stdout == before_ns
