@@ -115,9 +115,6 @@ def _clients() -> tuple[str, str]:
     return paths[0], paths[1]
 
 
-DOWNLOAD, LATENCY = "", ""
-
-
 def _summary(download: dict[str, float], times: list[float], size: int) -> dict[str, float]:
     if download["bytes"] < size:
         raise SystemExit(f"short download: {download['bytes']} of {size}")
@@ -129,20 +126,26 @@ def _summary(download: dict[str, float], times: list[float], size: int) -> dict[
     }
 
 
-def measure(run: Any, host: str, port: int, *, size: int, requests: int) -> dict[str, float]:
-    download = json.loads(run(VENV_PYTHON, DOWNLOAD, host, str(port), str(size)))
-    times = json.loads(run(VENV_PYTHON, LATENCY, host, str(port), str(requests)))
+def measure(
+    run: Any, host: str, port: int, *, clients: tuple[str, str], size: int, requests: int
+) -> dict[str, float]:
+    download_client, latency_client = clients
+    download = json.loads(run(VENV_PYTHON, download_client, host, str(port), str(size)))
+    times = json.loads(run(VENV_PYTHON, latency_client, host, str(port), str(requests)))
     return _summary(download, times, size)
 
 
-def with_port_forward(pod_name: str, size: int, requests: int) -> dict[str, float]:
+def with_port_forward(
+    pod_name: str, *, clients: tuple[str, str], size: int, requests: int
+) -> dict[str, float]:
+    download_client, latency_client = clients
     script = (
         f"kubectl port-forward -n {NS} pod/{pod_name} {PF_PORT}:8080 >/dev/null 2>&1 & pf=$!; "
         f"trap 'kill $pf' EXIT; "
         f"for i in $(seq 1 100); do curl -s -o /dev/null http://127.0.0.1:{PF_PORT}/ && break; "
         f"sleep 0.1; done; "
-        f"{VENV_PYTHON} {DOWNLOAD} 127.0.0.1 {PF_PORT} {size}; "
-        f"{VENV_PYTHON} {LATENCY} 127.0.0.1 {PF_PORT} {requests}"
+        f"{VENV_PYTHON} {download_client} 127.0.0.1 {PF_PORT} {size}; "
+        f"{VENV_PYTHON} {latency_client} 127.0.0.1 {PF_PORT} {requests}"
     )
     out = laptop("sh", "-c", script).splitlines()
     return _summary(json.loads(out[0]), json.loads(out[1]), size)
@@ -154,8 +157,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=300)
     args = parser.parse_args()
     size = args.size_mib * 2**20
-    global DOWNLOAD, LATENCY
-    DOWNLOAD, LATENCY = _clients()
+    clients = _clients()
     devcluster("up")
     kubectl("create", "namespace", NS, check=False)
     kubectl("apply", "-f", "-", input=http_app_manifest(name="bulk", namespace=NS))
@@ -164,14 +166,18 @@ def main() -> None:
     pod_name = pods["items"][0]["metadata"]["name"]
 
     results: dict[str, dict[str, float]] = {}
-    results["direct"] = measure(pod, f"bulk.{NS}", 8080, size=size, requests=args.requests)
-    results["port-forward"] = with_port_forward(pod_name, size, args.requests)
+    results["direct"] = measure(
+        pod, f"bulk.{NS}", 8080, clients=clients, size=size, requests=args.requests
+    )
+    results["port-forward"] = with_port_forward(
+        pod_name, clients=clients, size=size, requests=args.requests
+    )
     laptop("telepresence", "quit")
     laptop("telepresence", "connect")
     try:
         started = time.monotonic()
         results["telepresence"] = measure(
-            laptop, f"bulk.{NS}", 8080, size=size, requests=args.requests
+            laptop, f"bulk.{NS}", 8080, clients=clients, size=size, requests=args.requests
         )
         results["telepresence"]["wall s"] = time.monotonic() - started
     finally:

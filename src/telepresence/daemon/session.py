@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 import socket
+import ssl
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -153,6 +154,7 @@ class Session:
         self.manager_namespace = request.manager_namespace or DEFAULT_NAMESPACE
         self.manager_pod = ""
         self.dns_port = 0
+        self._ssl: ssl.SSLContext | None = None
         self.udp: UdpRelay | None = None
         self.host_routes: set[IPv4Address] = set()
         # Local-only intercepts: name -> namespace put on the search path.
@@ -298,9 +300,10 @@ class Session:
             ssl_context=self.api_ssl(),
         )
 
-    def api_ssl(self) -> Any:
+    def api_ssl(self) -> ssl.SSLContext:
+        """One TLS context for every port-forward: an exec credential plugin runs once."""
         assert self.access is not None
-        if not hasattr(self, "_ssl"):
+        if self._ssl is None:
             self._ssl = self.access.ssl_context()
         return self._ssl
 
@@ -536,6 +539,3 @@ def _install_id() -> str:
         value = uuid.uuid4().hex
         path.write_text(value)
         return value
-
-
-__all__ = ["ConnectError", "ConnectRequest", "IPv4Address", "Session"]
