@@ -27,11 +27,19 @@ class TcpForward:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader = reader
         self.writer = writer
+        # Set to make this link go silent in both directions without closing, as a
+        # port-forward does when its pod vanishes under it.
+        self.hung = False
 
     async def receive(self) -> bytes:
-        return await self.reader.read(65536)
+        data = await self.reader.read(65536)
+        while self.hung:
+            await asyncio.Event().wait()
+        return data
 
     async def send_buffers(self, buffers: list[bytes | memoryview]) -> None:
+        if self.hung:
+            return
         self.writer.writelines(buffers)
         await self.writer.drain()
 
@@ -66,6 +74,7 @@ class World:
         self.echo_port = self.echo_server.sockets[0].getsockname()[1]
         self.pool = ManagerPool(
             open_forward=self._open,
+            heartbeat=0.1,
             size=2,
             client_name="test",
             install_id="i",
@@ -299,3 +308,27 @@ async def test_the_pool_rejoins_a_restarted_manager_even_while_some_links_live(
     writer.write(b"again")
     writer.write_eof()
     assert await asyncio.wait_for(reader.read(-1), 10) == b"again"
+
+
+async def test_links_that_go_silent_are_dropped_and_the_pool_rejoins(world: World) -> None:
+    """The manager pod vanished but the port-forwards stay open, carrying nothing: only the
+    missing heartbeat echo tells the pool, which must then find the new manager."""
+    await world.pool.start()
+    first_session = world.pool.session_id
+    world.manager.sessions.clear()
+    for t in list(world.pool.tunnels):
+        t.pf.hung = True  # type: ignore[attr-defined]
+
+    async def rejoined() -> None:
+        while not (
+            world.pool.session_id != first_session
+            and world.pool.session_id in world.manager.sessions
+            and len(world.pool.tunnels) == 2
+        ):
+            await asyncio.sleep(0.05)
+
+    await asyncio.wait_for(rejoined(), 15)
+    reader, writer = await _splice(world, world.echo_port)
+    writer.write(b"alive")
+    writer.write_eof()
+    assert await asyncio.wait_for(reader.read(-1), 10) == b"alive"

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -36,6 +37,9 @@ from telepresence.tunnel.protocol import Role
 log = logging.getLogger("telepresence.pool")
 
 HEARTBEAT = 5.0
+# A link that has carried nothing, not even the manager's heartbeat echo, for this many
+# heartbeats is dead: a port-forward whose pod is gone can stay open without a byte.
+DEAD_AFTER_HEARTBEATS = 3
 # Messages on a WebSocket are bounded so one large write never monopolises the socket.
 MAX_MESSAGE = 256 * 1024
 
@@ -66,6 +70,7 @@ class PortForwardTunnel:
             on_closed=lambda reason: on_closed(self, reason),
         )
         self.task: asyncio.Task[None] | None = None
+        self.last_heard = time.monotonic()
 
     def _write(self, buffers: Buffers) -> None:
         self._out.extend(buffers)
@@ -82,6 +87,7 @@ class PortForwardTunnel:
                 data = await self.pf.receive()
                 if not data:
                     break
+                self.last_heard = time.monotonic()
                 self.tunnel.data_received(data)
                 if self.tunnel.closed:
                     break
@@ -93,7 +99,7 @@ class PortForwardTunnel:
                 await writer
             self.tunnel.connection_lost(reason)
             with contextlib.suppress(Exception):
-                await self.pf.close()
+                await asyncio.wait_for(self.pf.close(), 2)
 
     async def _writer(self) -> None:
         while True:
@@ -111,6 +117,12 @@ class PortForwardTunnel:
                     batch, size = [], 0
             if batch:
                 await self.pf.send_buffers(batch)
+
+    def abandon(self, reason: str) -> None:
+        """Drop a link that went silent; its reader may be blocked forever, so cancel it."""
+        self.tunnel.connection_lost(reason)
+        if self.task is not None:
+            self.task.cancel()
 
     async def close(self) -> None:
         self.tunnel.close("laptop disconnecting")
@@ -142,8 +154,10 @@ class ManagerPool:
         client_name: str,
         install_id: str,
         on_cluster_info: Callable[[ClusterInfo], None],
+        heartbeat: float = HEARTBEAT,
     ) -> None:
         self._open_forward = open_forward
+        self.heartbeat = heartbeat
         self.size = size
         self.client_name = client_name
         self.install_id = install_id
@@ -238,10 +252,16 @@ class ManagerPool:
                     backoff = min(backoff * 2, 5)
 
     async def _heartbeat(self) -> None:
+        """Remain on every link; the manager echoes it, so silence means a dead link."""
         while True:
-            await asyncio.sleep(HEARTBEAT)
+            await asyncio.sleep(self.heartbeat)
+            now = time.monotonic()
             for t in list(self.tunnels):
-                t.tunnel.send_control(Remain(self.session_id))
+                if now - t.last_heard > self.heartbeat * DEAD_AFTER_HEARTBEATS:
+                    log.info("tunnel silent for %.0fs: reconnecting", now - t.last_heard)
+                    t.abandon("no heartbeat from the traffic manager")
+                else:
+                    t.tunnel.send_control(Remain(self.session_id))
 
     async def close(self) -> None:
         self._closing = True

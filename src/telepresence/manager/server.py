@@ -131,6 +131,8 @@ class TunnelConnection(asyncio.Protocol):
             session.last_seen = time.monotonic()
             session.tunnels.add(self)
             self.session = session
+            # The echo lets the laptop tell a live link from one that silently died.
+            self.tunnel.send_control(Remain(session.id))
         elif isinstance(message, Depart):
             m.depart(message.session_id)
         elif isinstance(message, DnsLookup):
