@@ -280,30 +280,19 @@ def test_deleting_the_manager_pod_is_recovered_without_the_user(connected: Clust
     )
 
 
-def test_kill_9_of_the_user_daemon_then_quit_restores_everything(
-    cluster: Cluster, baseline: dict[str, str]
+@pytest.mark.parametrize(
+    "process", ["telepresence.daemon", "telepresence.netfilter.helper"], ids=["daemon", "helper"]
+)
+def test_kill_9_then_quit_restores_everything(
+    cluster: Cluster, baseline: dict[str, str], process: str
 ) -> None:
     connect(cluster)
-    cluster.laptop("pkill", "-9", "-f", "telepresence.daemon", root=True, check=False)
+    cluster.laptop("pkill", "-9", "-f", process, root=True, check=False)
     quit_(cluster)
     wait_for(
         lambda: laptop_state(cluster) == baseline,
         timeout=30,
-        what="the laptop to be as before after kill -9 of the daemon and quit",
-    )
-    assert cluster.laptop("getent", "hosts", "www.example.test").returncode == 0
-
-
-def test_kill_9_of_the_helper_then_quit_restores_everything(
-    cluster: Cluster, baseline: dict[str, str]
-) -> None:
-    connect(cluster)
-    cluster.laptop("pkill", "-9", "-f", "telepresence.netfilter.helper", root=True, check=False)
-    quit_(cluster)
-    wait_for(
-        lambda: laptop_state(cluster) == baseline,
-        timeout=30,
-        what="the laptop to be as before after kill -9 of the helper and quit",
+        what=f"the laptop to be as before after kill -9 of {process} and quit",
     )
     assert cluster.laptop("getent", "hosts", "www.example.test").returncode == 0
     started = time.monotonic()

@@ -115,6 +115,28 @@ async def _splice(world: World, port: int) -> tuple[asyncio.StreamReader, asynci
     return client
 
 
+async def _echo_through(world: World, payload: bytes) -> bytes:
+    """Sends `payload` to the echo server through the tunnel and returns what came back."""
+    reader, writer = await _splice(world, world.echo_port)
+    writer.write(payload)
+    writer.write_eof()
+    return await asyncio.wait_for(reader.read(-1), 10)
+
+
+async def _rejoined(world: World, first_session: str) -> None:
+    """Waits (15 s at most) for a new session the manager knows, on a full pool."""
+
+    async def done() -> None:
+        while not (
+            world.pool.session_id != first_session
+            and world.pool.session_id in world.manager.sessions
+            and len(world.pool.tunnels) == 2
+        ):
+            await asyncio.sleep(0.05)  # poll interval of a wait with a deadline
+
+    await asyncio.wait_for(done(), 15)
+
+
 async def test_join_gets_cluster_info_and_a_full_pool(world: World) -> None:
     info = await world.pool.start()
     assert info == INFO
@@ -177,15 +199,8 @@ async def test_the_pool_rejoins_when_every_connection_drops(world: World) -> Non
     for t in list(world.pool.tunnels):
         await t.pf.close()  # type: ignore[attr-defined]
 
-    async def rejoined() -> None:
-        while not (world.pool.session_id != first_session and len(world.pool.tunnels) == 2):
-            await asyncio.sleep(0.05)
-
-    await asyncio.wait_for(rejoined(), 15)
-    reader, writer = await _splice(world, world.echo_port)
-    writer.write(b"again")
-    writer.write_eof()
-    assert await asyncio.wait_for(reader.read(-1), 10) == b"again"
+    await _rejoined(world, first_session)
+    assert await _echo_through(world, b"again") == b"again"
 
 
 class _UdpEcho(asyncio.DatagramProtocol):
@@ -295,19 +310,8 @@ async def test_the_pool_rejoins_a_restarted_manager_even_while_some_links_live(
     world.manager.sessions.clear()
     await world.pool.tunnels[0].pf.close()  # type: ignore[attr-defined]
 
-    async def rejoined() -> None:
-        while not (
-            world.pool.session_id != first_session
-            and world.pool.session_id in world.manager.sessions
-            and len(world.pool.tunnels) == 2
-        ):
-            await asyncio.sleep(0.05)
-
-    await asyncio.wait_for(rejoined(), 15)
-    reader, writer = await _splice(world, world.echo_port)
-    writer.write(b"again")
-    writer.write_eof()
-    assert await asyncio.wait_for(reader.read(-1), 10) == b"again"
+    await _rejoined(world, first_session)
+    assert await _echo_through(world, b"again") == b"again"
 
 
 async def test_links_that_go_silent_are_dropped_and_the_pool_rejoins(world: World) -> None:
@@ -319,16 +323,5 @@ async def test_links_that_go_silent_are_dropped_and_the_pool_rejoins(world: Worl
     for t in list(world.pool.tunnels):
         t.pf.hung = True  # type: ignore[attr-defined]
 
-    async def rejoined() -> None:
-        while not (
-            world.pool.session_id != first_session
-            and world.pool.session_id in world.manager.sessions
-            and len(world.pool.tunnels) == 2
-        ):
-            await asyncio.sleep(0.05)
-
-    await asyncio.wait_for(rejoined(), 15)
-    reader, writer = await _splice(world, world.echo_port)
-    writer.write(b"alive")
-    writer.write_eof()
-    assert await asyncio.wait_for(reader.read(-1), 10) == b"alive"
+    await _rejoined(world, first_session)
+    assert await _echo_through(world, b"alive") == b"alive"
