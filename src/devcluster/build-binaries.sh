@@ -6,8 +6,8 @@ set -euo pipefail
 
 K8S_VERSION=${DEVCLUSTER_K8S_VERSION:-v1.36.3}
 ETCD_VERSION=${DEVCLUSTER_ETCD_VERSION:-v3.6.16}
-KWOK_VERSION=${DEVCLUSTER_KWOK_VERSION:-v0.8.0}
 COREDNS_VERSION=${DEVCLUSTER_COREDNS_VERSION:-v1.14.7}
+CONTAINERD_VERSION=${DEVCLUSTER_CONTAINERD_VERSION:-v2.4.2}
 CACHE=${DEVCLUSTER_CACHE:-$HOME/.cache/devcluster}
 
 export GOMODCACHE=$CACHE/go/mod GOCACHE=$CACHE/go/build
@@ -33,8 +33,8 @@ with_progress() {
 
 build_kubernetes() {
   local out=$CACHE/bin/kubernetes-$K8S_VERSION
-  if [[ -x $out/kube-apiserver && -x $out/kubectl && -x $out/kube-controller-manager && -x $out/kube-scheduler && -x $out/kwok ]]; then
-    say "kubernetes $K8S_VERSION + kwok $KWOK_VERSION: cached in $out"; return
+  if [[ -x $out/kube-apiserver && -x $out/kubectl && -x $out/kube-controller-manager && -x $out/kube-scheduler && -x $out/kubelet && -x $out/kube-proxy && -x $out/pause ]]; then
+    say "kubernetes $K8S_VERSION: cached in $out"; return
   fi
   local mod=$CACHE/src/kubernetes-$K8S_VERSION
   mkdir -p "$mod" "$out"
@@ -48,7 +48,6 @@ build_kubernetes() {
     echo "go 1.26.0"
     echo
     echo "require k8s.io/kubernetes $K8S_VERSION"
-    echo "require sigs.k8s.io/kwok $KWOK_VERSION"
     echo
     # Every staging module k8s.io/X is replaced by its published tag v0.<minor>.<patch>.
     grep -E '^\s*k8s\.io/[a-z0-9-]+ => \./staging/' "$gomod" | awk -v v="v0.$minor.$patch" '{print "replace " $1 " => " $1 " " v}'
@@ -63,7 +62,8 @@ import (
 	_ "k8s.io/kubernetes/cmd/kube-controller-manager"
 	_ "k8s.io/kubernetes/cmd/kube-scheduler"
 	_ "k8s.io/kubernetes/cmd/kubectl"
-	_ "sigs.k8s.io/kwok/cmd/kwok"
+	_ "k8s.io/kubernetes/cmd/kubelet"
+	_ "k8s.io/kubernetes/cmd/kube-proxy"
 )
 GO
   say "kubernetes $K8S_VERSION: resolving modules"
@@ -73,15 +73,19 @@ GO
   for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
     ld+=" -X $pkg.gitVersion=$K8S_VERSION -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor -X $pkg.gitTreeState=clean -X $pkg.buildDate=$date"
   done
-  for cmd in kube-apiserver kube-controller-manager kube-scheduler kubectl; do
+  for cmd in kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet kube-proxy; do
+    [[ -x $out/$cmd ]] && continue
     say "kubernetes $K8S_VERSION: building $cmd"
     (cd "$mod" && with_progress "$cmd" go build -trimpath -tags "$TAGS" -ldflags "$ld" -o "$out/$cmd.tmp" "k8s.io/kubernetes/cmd/$cmd")
     mv "$out/$cmd.tmp" "$out/$cmd"
   done
-  say "kwok $KWOK_VERSION: building"
-  (cd "$mod" && with_progress kwok go build -trimpath -tags "$TAGS" -ldflags "-s -w" -o "$out/kwok.tmp" sigs.k8s.io/kwok/cmd/kwok)
-  mv "$out/kwok.tmp" "$out/kwok"
-  say "kubernetes $K8S_VERSION + kwok: done"
+  # The sandbox ("pause") image's binary, from the same module's source, as upstream builds it.
+  local src
+  src=$(cd "$mod" && go list -m -f '{{.Dir}}' k8s.io/kubernetes)
+  gcc -Os -Wall -Werror -static -DVERSION="$K8S_VERSION" -o "$out/pause.tmp" "$src/build/pause/linux/pause.c"
+  strip "$out/pause.tmp"
+  mv "$out/pause.tmp" "$out/pause"
+  say "kubernetes $K8S_VERSION: done"
 }
 
 build_etcd() {
@@ -131,12 +135,28 @@ GO
   mv "$out/coredns.tmp" "$out/coredns"
 }
 
+build_containerd() {
+  local out=$CACHE/bin/containerd-$CONTAINERD_VERSION
+  if [[ -x $out/containerd && -x $out/containerd-shim-runc-v2 && -x $out/ctr ]]; then
+    say "containerd $CONTAINERD_VERSION: cached"; return
+  fi
+  mkdir -p "$out"
+  say "containerd $CONTAINERD_VERSION: building"
+  local v=${CONTAINERD_VERSION#v}
+  with_progress containerd env GOBIN="$out" go install -trimpath \
+    -ldflags "-s -w -X github.com/containerd/containerd/v2/version.Version=$v" \
+    "github.com/containerd/containerd/v2/cmd/containerd@$CONTAINERD_VERSION" \
+    "github.com/containerd/containerd/v2/cmd/containerd-shim-runc-v2@$CONTAINERD_VERSION" \
+    "github.com/containerd/containerd/v2/cmd/ctr@$CONTAINERD_VERSION"
+}
+
 what=${1:-all}
 case $what in
-  all) build_etcd; build_coredns; build_kubernetes ;;
+  all) build_etcd; build_coredns; build_kubernetes; build_containerd ;;
+  containerd) build_containerd ;;
   kubernetes) build_kubernetes ;;
   etcd) build_etcd ;;
   coredns) build_coredns ;;
-  *) echo "usage: $0 [all|kubernetes|etcd|coredns]" >&2; exit 2 ;;
+  *) echo "usage: $0 [all|kubernetes|etcd|coredns|containerd]" >&2; exit 2 ;;
 esac
 say "binaries ready in $CACHE/bin"

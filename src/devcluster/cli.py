@@ -20,11 +20,23 @@ import sys
 import time
 from pathlib import Path
 
-from devcluster import laptop, network
-from devcluster.settings import NODE_NS, TOOLBOX_NS, Settings
-from devcluster.supervisor import READY_FILE, STATUS_FILE
+from devcluster import laptop, network, node
+from devcluster.settings import NODE_NAME, NODE_NS, TOOLBOX_NS, Settings
+from devcluster.supervisor import IMAGES_FILE, READY_FILE, STATUS_FILE
 
-REQUIRED_TOOLS = ("ip", "nft", "dnsmasq", "sudo", "setpriv", "visudo", "go")
+REQUIRED_TOOLS = (
+    "ip",
+    "nft",
+    "dnsmasq",
+    "sudo",
+    "setpriv",
+    "visudo",
+    "go",
+    "runc",
+    "nsenter",
+    "unshare",
+    "mmdebstrap",
+)
 SA_MOUNT = Path("/run/secrets/kubernetes.io/serviceaccount")
 
 
@@ -73,27 +85,39 @@ def check_host() -> None:
         )
 
 
-def build(settings: Settings) -> None:
+def build(settings: Settings) -> dict[str, Path]:
+    """The binaries and the images; returns each image's archive by reference."""
     script = Path(__file__).with_name("build-binaries.sh")
     env = {**os.environ, "DEVCLUSTER_CACHE": str(settings.paths.cache)}
     v = settings.versions
     env.update(
         DEVCLUSTER_K8S_VERSION=v.kubernetes,
         DEVCLUSTER_ETCD_VERSION=v.etcd,
-        DEVCLUSTER_KWOK_VERSION=v.kwok,
         DEVCLUSTER_COREDNS_VERSION=v.coredns,
+        DEVCLUSTER_CONTAINERD_VERSION=v.containerd,
     )
     if subprocess.run(["bash", str(script)], env=env, check=False).returncode != 0:
         raise DevclusterError("building the cluster binaries failed; the output above says why")
+    # The images, before the supervisor starts: a cold build takes minutes and shows progress.
+    from devcluster import imagebuild
+
+    try:
+        return imagebuild.build(settings)
+    except imagebuild.BuildError as e:
+        raise DevclusterError(f"building the images failed: {e}") from e
 
 
 def up(settings: Settings, *, sample_app: bool) -> None:
     check_host()
-    build(settings)
+    archives = build(settings)
     laptop.sync_sources(settings)
     laptop.install_commands(settings)
     if not is_up(settings):
         down(settings, quiet=True)
+        settings.paths.run.mkdir(parents=True, exist_ok=True)
+        (settings.paths.run / IMAGES_FILE).write_text(
+            json.dumps({ref: str(path) for ref, path in archives.items()})
+        )
         start_supervisor(settings)
     else:
         print("devcluster is already up")
@@ -183,10 +207,18 @@ def down(settings: Settings, *, quiet: bool = False) -> None:
         if _pid_alive(pid):
             os.kill(pid, signal.SIGKILL)
     laptop.kill_user_processes()
+    node.teardown(settings)
     network.destroy_all()
-    for name in ("etcd", "pods", "pki", "kwok-home"):
+    for name in ("etcd", "pki", "node"):
         shutil.rmtree(paths.run / name, ignore_errors=True)
-    for name in (READY_FILE, STATUS_FILE, "failed", "supervisor.pid", "admin.kubeconfig"):
+    for name in (
+        READY_FILE,
+        STATUS_FILE,
+        IMAGES_FILE,
+        "failed",
+        "supervisor.pid",
+        "admin.kubeconfig",
+    ):
         with contextlib.suppress(FileNotFoundError):
             (paths.run / name).unlink()
     with contextlib.suppress(OSError):
@@ -205,7 +237,10 @@ def status(settings: Settings) -> int:
     a = settings.addresses
     v = settings.versions
     print(f"devcluster: up (supervisor pid {data['pid']})")
-    print(f"  kubernetes {v.kubernetes}, etcd {v.etcd}, kwok {v.kwok}, coredns {v.coredns}")
+    print(
+        f"  kubernetes {v.kubernetes}, etcd {v.etcd}, containerd {v.containerd}, "
+        f"coredns {v.coredns}"
+    )
     print("  components:")
     for name, c in data["components"].items():
         state = "running" if c["running"] else "stopped"
@@ -217,9 +252,12 @@ def status(settings: Settings) -> int:
     print(f"  namespaces:   {', '.join(namespaces)}")
     print(f"  laptop:       {a.laptop_link_laptop}, resolver {a.laptop_resolver}")
     print(f"  external:     {a.external_ip} ({a.external_name}, reachable from pods only)")
-    print(f"  pods running: {len(data['pods'])}")
-    for name, p in sorted(data["pods"].items()):
-        print(f"    {name:<48} {p['ip']:<15} {p['state']}")
+    pods = kubectl(
+        settings, "get", "pods", "-A", "-o", "wide", "--no-headers", check=False
+    ).stdout.splitlines()
+    print(f"  pods:         {len(pods)} on node {NODE_NAME}")
+    for line in pods:
+        print(f"    {line}")
     return 0
 
 

@@ -56,6 +56,9 @@ class Credentials:
     apiserver: KeyPair
     kubelet_client: KeyPair
     kubelet_server: KeyPair
+    #: The kubelet's own identity towards the API server (Node authorizer, NodeRestriction).
+    node_client: KeyPair
+    kube_proxy: KeyPair
     admin: KeyPair
     service_account: KeyPair
 
@@ -86,12 +89,17 @@ def make_credentials(settings: Settings) -> Credentials:
         kubelet_server=ca.issue(
             "kubelet", cn=NODE_NAME, hosts=(str(a.node_ip), NODE_NAME), server=True
         ),
+        node_client=ca.issue(
+            "kubelet-client", cn=f"system:node:{NODE_NAME}", org="system:nodes", client=True
+        ),
+        # Bound to system:node-proxier by the API server's default RBAC.
+        kube_proxy=ca.issue("kube-proxy", cn="system:kube-proxy", client=True),
         admin=ca.issue("admin", cn="devcluster-admin", org="system:masters", client=True),
         service_account=service_account_keys(folder),
     )
 
 
-def components(settings: Settings, creds: Credentials, kwok_config: Path) -> list[Component]:
+def components(settings: Settings, creds: Credentials) -> list[Component]:
     a = settings.addresses
     run = settings.paths.run
     admin_kc = str(settings.paths.admin_kubeconfig)
@@ -165,14 +173,6 @@ def components(settings: Settings, creds: Credentials, kwok_config: Path) -> lis
                 f"--authorization-kubeconfig={admin_kc}",
                 "--bind-address=127.0.0.1",
                 "--leader-elect=false",
-            ],
-        ),
-        Component(
-            "kwok",
-            [
-                str(b("kwok")),
-                f"--kubeconfig={admin_kc}",
-                f"--config={kwok_config}",
             ],
         ),
         Component(

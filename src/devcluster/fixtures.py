@@ -28,6 +28,9 @@ def deployment(
     }
     if args:
         container["args"] = args
+    # As a real deployment would: Ready only once the server accepts connections (the UDP
+    # echo image listens on TCP too, for this), so a rollout means "answering".
+    container["readinessProbe"] = {"tcpSocket": {"port": port}, "periodSeconds": 1}
     pod_spec: dict[str, object] = {"containers": [container]}
     if run_as_user is not None:
         pod_spec["securityContext"] = {"runAsUser": run_as_user, "runAsNonRoot": True}

@@ -1,13 +1,15 @@
 """The namespaces and links of devcluster's data plane.
 
-Topology (routed veths; no bridge, so every hop is an explicit route):
+Topology (routed veths between namespaces, so every hop is an explicit route; pods sit
+on the bridge that CNI makes):
 
     laptop (198.51.100.2) --veth-- node (198.51.100.1; 192.0.2.1 on lo) --veth-- external
-                                    |  \\-- veth per pod (pod IP /32, gateway 169.254.1.1)
+                                    |  \\-- cni0 bridge (10.244.0.1/24): pods, made by CNI
                                     \\-- toolbox (10.244.255.254, for `devcluster pod`)
 
-The node namespace holds the control plane, ClusterIP rules and CoreDNS. The laptop reaches
-the API server port and nothing else; the external host is reachable from pods only.
+The node namespace holds the control plane, the kubelet, kube-proxy's rules and CoreDNS.
+The laptop reaches the API server port and nothing else; the external host is reachable
+from pods only.
 """
 
 from __future__ import annotations
@@ -18,13 +20,12 @@ from devcluster.settings import (
     EXTERNAL_NS,
     LAPTOP_NS,
     NODE_NS,
-    POD_NS_PREFIX,
     TOOLBOX_NS,
     Addresses,
 )
 from devcluster.system import ip, netns_names, nft, run, sysctl
 
-__all__ = ["add_pod", "create_base", "destroy_all", "netns_names", "remove_pod"]
+__all__ = ["create_base", "destroy_all", "netns_names"]
 
 NETNS_ETC = Path("/etc/netns")
 
@@ -87,6 +88,9 @@ def create_base(addr: Addresses) -> None:
     # every pod veth (arp_ignore=0) and routes onwards.
     ip("addr", "add", f"{addr.pod_gateway}/32", "dev", "lo", netns=NODE_NS)
     sysctl("net.ipv4.ip_forward", "1", netns=NODE_NS)
+    # Pods on one bridge: their replies to a Service's client must pass conntrack to be
+    # un-DNATed (per network namespace since Linux 5.3; the default is already 1).
+    sysctl("net.bridge.bridge-nf-call-iptables", "1", netns=NODE_NS)
 
     # Laptop: a /30 link; its only route into the cluster is the node's address.
     _link(
@@ -147,42 +151,6 @@ table ip devcluster-edge {{
 """,
         netns=NODE_NS,
     )
-
-
-def pod_netns_name(uid: str) -> str:
-    return POD_NS_PREFIX + uid[:13]
-
-
-def pod_veth_name(uid: str) -> str:
-    return "dcp" + uid.replace("-", "")[:12]
-
-
-def add_pod(*, uid: str, pod_ip: str, addr: Addresses, resolv_search: list[str]) -> str:
-    """A network namespace for a pod, with its IP; returns the namespace name."""
-    name = pod_netns_name(uid)
-    if name not in netns_names():
-        ip("netns", "add", name)
-        _link(
-            node_side=pod_veth_name(uid),
-            peer_ns=name,
-            peer_ip=pod_ip,
-            peer_prefix=32,
-            node_ip=None,
-            gateway=str(addr.pod_gateway),
-        )
-    write_resolv_conf(name, nameserver=str(addr.dns_service_ip), search=resolv_search, ndots=5)
-    return name
-
-
-def remove_pod(uid: str) -> None:
-    name = pod_netns_name(uid)
-    # Deleting the namespace destroys the veth pair and, with it, the node-side route.
-    ip("netns", "del", name, check=False)
-    folder = NETNS_ETC / name
-    if folder.exists():
-        for f in folder.iterdir():
-            f.unlink()
-        folder.rmdir()
 
 
 def destroy_all() -> None:

@@ -22,8 +22,8 @@ class Versions:
 
     kubernetes: str = field(default_factory=lambda: _env("DEVCLUSTER_K8S_VERSION", "v1.36.3"))
     etcd: str = field(default_factory=lambda: _env("DEVCLUSTER_ETCD_VERSION", "v3.6.16"))
-    kwok: str = field(default_factory=lambda: _env("DEVCLUSTER_KWOK_VERSION", "v0.8.0"))
     coredns: str = field(default_factory=lambda: _env("DEVCLUSTER_COREDNS_VERSION", "v1.14.7"))
+    containerd: str = field(default_factory=lambda: _env("DEVCLUSTER_CONTAINERD_VERSION", "v2.4.2"))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -32,7 +32,8 @@ class Addresses:
 
     service_cidr: IPv4Network = IPv4Network("10.96.0.0/16")
     pod_cidr: IPv4Network = IPv4Network("10.244.0.0/16")
-    # The node's own podCIDR; kwok hands out pod IPs from it.
+    # The node's own podCIDR (the controller-manager allocates the first /24 of pod_cidr to
+    # the one node); CNI's host-local hands out pod IPs from it.
     node_pod_cidr: IPv4Network = IPv4Network("10.244.0.0/24")
     kubernetes_service_ip: IPv4Address = IPv4Address("10.96.0.1")
     dns_service_ip: IPv4Address = IPv4Address("10.96.0.10")
@@ -43,7 +44,7 @@ class Addresses:
     # Gateway every pod namespace routes through (answered by proxy ARP on the node side).
     pod_gateway: IPv4Address = IPv4Address("169.254.1.1")
     # `devcluster pod` runs in a namespace with this address: routed like a pod, but outside the
-    # node's podCIDR so kwok never hands it out.
+    # node's podCIDR so CNI never hands it out.
     toolbox_ip: IPv4Address = IPv4Address("10.244.255.254")
     laptop_link_node: IPv4Address = IPv4Address("198.51.100.1")
     laptop_link_laptop: IPv4Address = IPv4Address("198.51.100.2")
@@ -71,6 +72,12 @@ class Paths:
     # The laptop user's Python environment and a world-readable copy of the project's sources:
     # outside root's home, which other users cannot read.
     opt: Path = field(default_factory=lambda: Path(_env("DEVCLUSTER_OPT", "/opt/telepresence-dev")))
+
+    # The node's disk: containerd's images and snapshots, the kubelet's and CNI's state, pod
+    # logs. Not under /run, which may be a small tmpfs on other hosts.
+    node: Path = field(
+        default_factory=lambda: Path(_env("DEVCLUSTER_NODE_DIR", "/var/lib/devcluster"))
+    )
 
     @property
     def pki(self) -> Path:
@@ -129,5 +136,8 @@ class Settings:
         folder = {
             "etcd": f"etcd-{v.etcd}",
             "coredns": f"coredns-{v.coredns}",
+            "containerd": f"containerd-{v.containerd}",
+            "containerd-shim-runc-v2": f"containerd-{v.containerd}",
+            "ctr": f"containerd-{v.containerd}",
         }.get(name, f"kubernetes-{v.kubernetes}")
         return self.paths.cache / "bin" / folder / name

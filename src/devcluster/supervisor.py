@@ -1,8 +1,8 @@
-"""The long-running devcluster process: control plane, data plane and pod agent.
+"""The long-running devcluster process: the control plane and the node.
 
 `devcluster up` starts it detached; it lives in the node network namespace (while keeping
-the host's mount namespace, so the pod namespaces it creates are visible to everyone),
-restarts components that stop, and on SIGTERM stops every pod and component it started.
+the host's mount namespace; containerd and the kubelet get a private one, see `node`),
+restarts components that stop, and on SIGTERM stops every component it started.
 """
 
 from __future__ import annotations
@@ -18,11 +18,8 @@ import sys
 import time
 from typing import Any
 
-import yaml
-
-from devcluster import controlplane, kwokconf, laptop, services
+from devcluster import controlplane, laptop, node
 from devcluster.kube import ApiError, Kube
-from devcluster.pods import PodAgent
 from devcluster.procs import Supervised
 from devcluster.settings import (
     EXTERNAL_NS,
@@ -31,12 +28,14 @@ from devcluster.settings import (
     NODE_NS,
     Settings,
 )
-from devcluster.system import enter_netns, nft
+from devcluster.system import enter_netns
 
 log = logging.getLogger("devcluster")
 
 READY_FILE = "ready"
 STATUS_FILE = "status.json"
+#: Written by `devcluster up` after building: image reference -> OCI archive to import.
+IMAGES_FILE = "images.json"
 
 
 async def wait_tcp(host: str, port: int, *, timeout: float, what: str) -> None:
@@ -54,27 +53,6 @@ async def wait_tcp(host: str, port: int, *, timeout: float, what: str) -> None:
             await asyncio.sleep(0.1)
 
 
-def api_path(obj: dict[str, Any]) -> str:
-    """The REST path of one object, for the few kinds devcluster applies itself."""
-    kind = obj["kind"]
-    name = obj["metadata"]["name"]
-    ns = obj["metadata"].get("namespace")
-    group_version = obj["apiVersion"]
-    plural = {
-        "Namespace": "namespaces",
-        "Service": "services",
-        "EndpointSlice": "endpointslices",
-        "Deployment": "deployments",
-        "Node": "nodes",
-        "CustomResourceDefinition": "customresourcedefinitions",
-        "ServiceAccount": "serviceaccounts",
-    }[kind]
-    prefix = "/api/v1" if group_version == "v1" else f"/apis/{group_version}"
-    if ns:
-        return f"{prefix}/namespaces/{ns}/{plural}/{name}"
-    return f"{prefix}/{plural}/{name}"
-
-
 class Supervisor:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -82,7 +60,6 @@ class Supervisor:
         self.procs: list[Supervised] = []
         self.tasks: list[asyncio.Task[None]] = []
         self.kube: Kube | None = None
-        self.agent: PodAgent | None = None
 
     def _proc(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Supervised:
         p = Supervised(name, argv, log_file=self.settings.paths.logs / f"{name}.log", env=env)
@@ -110,17 +87,10 @@ class Supervisor:
         paths.admin_kubeconfig.chmod(0o600)
         laptop.write_kubeconfig(s, ca=creds.ca.cert, admin=creds.admin)
         (self.run_dir / "Corefile").write_text(controlplane.corefile(s))
-        kwok_config = self.run_dir / "kwok-stages.yaml"
-        kwok_config.write_text(kwokconf.pod_stages())
-        kwok_home = self.run_dir / "kwok-home"
-        kwok_home.mkdir(exist_ok=True)
-        comps = {c.name: c for c in controlplane.components(s, creds, kwok_config)}
-        comps["kwok"] = controlplane.Component(
-            "kwok",
-            kwokconf.kwok_argv(
-                s, config=kwok_config, cert=creds.kubelet_server.cert, key=creds.kubelet_server.key
-            ),
-        )
+        comps = {c.name: c for c in controlplane.components(s, creds)}
+        node_files = node.write_configs(s, creds)
+        node.create_cgroup_root()
+        node.create_mount_namespace(s)
 
         self._proc("etcd", comps["etcd"].argv)
         await wait_tcp("127.0.0.1", 2379, timeout=60, what="etcd")
@@ -128,14 +98,43 @@ class Supervisor:
         self.kube = Kube(
             server=a.api_url, ca=creds.ca.cert, cert=creds.admin.cert, key=creds.admin.key
         )
+        # containerd starts and takes the images while the API server comes up.
+        self._proc(
+            "containerd",
+            node.in_node(s, [str(s.binary("containerd")), f"--config={node_files['containerd']}"]),
+            env=node_env(s),
+        )
         await self._wait_api_ready()
         self._proc("kube-controller-manager", comps["kube-controller-manager"].argv)
         self._proc("kube-scheduler", comps["kube-scheduler"].argv)
         await self._bootstrap()
+        await self._import_images()
         self._proc(
-            "kwok",
-            comps["kwok"].argv,
-            env={**os.environ, "KWOK_WORKDIR": str(kwok_home), "HOME": str(kwok_home)},
+            "kubelet",
+            node.in_node(
+                s,
+                [
+                    str(s.binary("kubelet")),
+                    f"--config={node_files['kubelet']}",
+                    f"--kubeconfig={node_files['kubelet-kubeconfig']}",
+                    f"--hostname-override={NODE_NAME}",
+                    f"--node-ip={a.node_ip}",
+                    "--v=1",
+                ],
+            ),
+            env=node_env(s),
+        )
+        self._proc(
+            "kube-proxy",
+            node.in_node(
+                s,
+                [
+                    str(s.binary("kube-proxy")),
+                    f"--config={node_files['kube-proxy']}",
+                    "--v=1",
+                ],
+            ),
+            env=node_env(s),
         )
         self._proc("coredns", comps["coredns"].argv)
         self._proc("laptop-dnsmasq", ["ip", "netns", "exec", LAPTOP_NS, *dnsmasq_argv(s)])
@@ -155,15 +154,40 @@ class Supervisor:
             ],
             env={**os.environ, "PYTHONPATH": str(paths.src_copy), "POD_NAME": a.external_name},
         )
-        self.agent = PodAgent(kube=self.kube, settings=s, ca_cert=creds.ca.cert)
-        self._task(self.agent.run(), "pod-agent")
-        self._task(self._route_services(), "service-router")
         await wait_tcp(str(a.node_ip), 53, timeout=60, what="coredns")
-        await wait_tcp(str(a.node_ip), a.kubelet_port, timeout=60, what="kwok")
         await self._wait_node_ready()
         self._task(self._write_status(), "status")
         (self.run_dir / READY_FILE).write_text(str(os.getpid()))
         log.info("devcluster is up")
+
+    async def _import_images(self) -> None:
+        """Every image devcluster builds, into containerd's k8s.io namespace (no registry)."""
+        s = self.settings
+        archives = json.loads((self.run_dir / IMAGES_FILE).read_text())
+        socket_path = node.host_containerd_socket(s)
+        deadline = time.monotonic() + 60
+        while not socket_path.exists():
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    "containerd did not create its socket in 60s; see containerd.log"
+                )
+            await asyncio.sleep(0.1)
+        for reference, archive in sorted(archives.items()):
+            proc = await asyncio.create_subprocess_exec(
+                str(s.binary("ctr")),
+                f"--address={socket_path}",
+                "--namespace=k8s.io",
+                "images",
+                "import",
+                "--no-unpack=false",
+                str(archive),
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+            )
+            out, _ = await proc.communicate()
+            if proc.returncode != 0:
+                raise RuntimeError(f"importing {reference}: {out.decode().strip()}")
+            log.info("imported %s", reference)
 
     async def _wait_api_ready(self) -> None:
         assert self.kube is not None
@@ -181,38 +205,21 @@ class Supervisor:
         assert self.kube is not None
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
-            node = await self.kube.get(f"/api/v1/nodes/{NODE_NAME}")
-            conditions = node.get("status", {}).get("conditions", [])
+            try:
+                obj = await self.kube.get(f"/api/v1/nodes/{NODE_NAME}")
+            except ApiError:
+                await asyncio.sleep(0.2)
+                continue
+            conditions = obj.get("status", {}).get("conditions", [])
             if any(c["type"] == "Ready" and c["status"] == "True" for c in conditions):
                 return
             await asyncio.sleep(0.2)
-        raise RuntimeError("the node did not become Ready in 90s; see kwok.log")
+        raise RuntimeError("the node did not become Ready in 90s; see kubelet.log")
 
     async def _bootstrap(self) -> None:
-        """Objects every cluster has: kwok's CRDs, the node, cluster DNS's Service."""
+        """Objects every cluster has that no controller makes here: cluster DNS's Service."""
         assert self.kube is not None
         a = self.settings.addresses
-        for path in kwokconf.crd_files(self.settings):
-            crd = yaml.safe_load(path.read_text())
-            await self.kube.apply(api_path(crd), crd)
-        await self.kube.apply(
-            f"/api/v1/nodes/{NODE_NAME}",
-            {
-                "apiVersion": "v1",
-                "kind": "Node",
-                "metadata": {
-                    "name": NODE_NAME,
-                    "labels": {
-                        "kubernetes.io/hostname": NODE_NAME,
-                        "kubernetes.io/os": "linux",
-                        "kubernetes.io/arch": "amd64",
-                        "type": "kwok",
-                    },
-                    "annotations": {"kwok.x-k8s.io/node": "fake"},
-                },
-                "spec": {"podCIDR": str(a.node_pod_cidr), "podCIDRs": [str(a.node_pod_cidr)]},
-            },
-        )
         # Cluster DNS runs on the node, behind the usual kube-dns ClusterIP.
         await self.kube.apply(
             "/api/v1/namespaces/kube-system/services/kube-dns",
@@ -260,51 +267,6 @@ class Supervisor:
             except ApiError:
                 await asyncio.sleep(0.2)
 
-    async def _route_services(self) -> None:
-        """Keeps the ClusterIP table in step with Services and EndpointSlices."""
-        assert self.kube is not None
-        state: dict[str, dict[str, Any]] = {"services": {}, "endpointslices": {}}
-        changed = asyncio.Event()
-
-        async def follow(kind: str, path: str) -> None:
-            assert self.kube is not None
-            async for event, obj in self.kube.watch(path):
-                store = state[kind]
-                if event == "SYNC":
-                    store.clear()
-                    for item in obj["items"]:
-                        store[item["metadata"]["uid"]] = item
-                elif event == "DELETED":
-                    store.pop(obj["metadata"]["uid"], None)
-                else:
-                    store[obj["metadata"]["uid"]] = obj
-                changed.set()
-
-        watchers = [
-            asyncio.create_task(follow("services", "/api/v1/services"), name="watch-services"),
-            asyncio.create_task(
-                follow("endpointslices", "/apis/discovery.k8s.io/v1/endpointslices"),
-                name="watch-endpointslices",
-            ),
-        ]
-        last = ""
-        try:
-            while True:
-                await changed.wait()
-                changed.clear()
-                script = services.render(
-                    list(state["services"].values()), list(state["endpointslices"].values())
-                )
-                if script != last:
-                    try:
-                        await asyncio.to_thread(nft, script)
-                        last = script
-                    except Exception:
-                        log.exception("applying the service table")
-        finally:
-            for w in watchers:
-                w.cancel()
-
     async def _write_status(self) -> None:
         path = self.run_dir / STATUS_FILE
         while True:
@@ -318,14 +280,6 @@ class Supervisor:
                     }
                     for p in self.procs
                 },
-                "pods": {
-                    f"{rt.ns}/{rt.name}": {
-                        "ip": rt.pod["status"].get("podIP"),
-                        "state": rt.state,
-                        "restarts": rt.restarts,
-                    }
-                    for rt in (self.agent.pods.values() if self.agent else [])
-                },
             }
             tmp = path.with_suffix(".tmp")
             tmp.write_text(json.dumps(status, indent=2))
@@ -336,14 +290,21 @@ class Supervisor:
         for task in self.tasks:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
-        if self.agent is not None:
-            await self.agent.stop_all()
         for p in reversed(self.procs):
             await p.stop()
         if self.kube is not None:
             await self.kube.close()
         with contextlib.suppress(FileNotFoundError):
             (self.run_dir / READY_FILE).unlink()
+
+
+def node_env(settings: Settings) -> dict[str, str]:
+    """The node's components find runc, the shim, nft and mount tools on PATH."""
+    shim_dir = settings.binary("containerd-shim-runc-v2").parent
+    return {
+        **os.environ,
+        "PATH": f"{shim_dir}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    }
 
 
 def dnsmasq_argv(settings: Settings) -> list[str]:

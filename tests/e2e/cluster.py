@@ -8,8 +8,10 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
+from devcluster import node
 from devcluster.settings import Settings
 
 T = TypeVar("T")
@@ -126,6 +128,26 @@ class Cluster:
             f"--timeout={timeout}s",
             timeout=timeout + 10,
         )
+
+    def container_pids(self, pod: dict[str, Any]) -> list[int]:
+        """Processes of a pod's app containers, found from the host through the kubelet's
+        cgroups (the pause process left out)."""
+        uid = pod["metadata"]["uid"]
+        root = Path("/sys/fs/cgroup/pids") / node.CGROUP_ROOT / "kubepods"
+        pids = []
+        for procs in root.glob(f"**/pod{uid}/*/cgroup.procs"):
+            for pid in procs.read_text().split():
+                try:
+                    cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+                except FileNotFoundError:
+                    continue
+                if cmdline and not cmdline.startswith(b"/pause"):
+                    pids.append(int(pid))
+        return sorted(pids)
+
+    def pod_cgroups(self, pod: dict[str, Any]) -> list[Path]:
+        root = Path("/sys/fs/cgroup")
+        return list(root.glob(f"*/{node.CGROUP_ROOT}/kubepods/**/pod{pod['metadata']['uid']}"))
 
     def ready_pods(self, namespace: str, selector: str) -> list[dict[str, Any]]:
         pods = self.get("pods", "-n", namespace, "-l", selector)["items"]

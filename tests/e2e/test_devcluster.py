@@ -10,13 +10,13 @@ import re
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from devcluster.fixtures import deployment, http_app_manifest, to_yaml
-from devcluster.images import UDP_ECHO_IMAGE
+from devcluster.images import HTTP_IMAGE, PYTHON_BASE_IMAGE, UDP_ECHO_IMAGE
 from devcluster.images.http import pattern_bytes
-from devcluster.network import pod_netns_name
 from tests.e2e.cluster import Cluster, wait_for
 
 NS = "dc-test"
@@ -230,6 +230,10 @@ def test_headless_service_returns_every_ready_pod(
 
     wait_for(answer, timeout=30, what="every ready pod IP in the headless answer")
     assert cluster.get("service", "web-headless", "-n", NS)["spec"]["clusterIP"] == "None"
+    # Pod DNS names of a real cluster: <ip-with-dashes>.<ns>.pod.
+    ip = expected[0]
+    out = cluster.pod("dig", "+short", f"{ip.replace('.', '-')}.{NS}.pod.cluster.local").stdout
+    assert out.strip() == ip
 
 
 PORT_FORWARD_SCRIPT = """
@@ -238,10 +242,10 @@ import aiohttp
 from telepresence.k8s import kubeconfig
 from telepresence.k8s.portforward import PortForward
 
-async def main(namespace, pod, size):
+async def main(namespace, pod, size, port):
     access = kubeconfig.load()
     async with aiohttp.ClientSession() as session:
-        pf = await PortForward.open(session, access, namespace=namespace, pod=pod, port=8080)
+        pf = await PortForward.open(session, access, namespace=namespace, pod=pod, port=port)
         request = f"GET /bytes/{size} HTTP/1.1\\r\\nHost: x\\r\\nConnection: close\\r\\n\\r\\n"
         await pf.send(request.encode())
         buf = bytearray()
@@ -260,7 +264,8 @@ async def main(namespace, pod, size):
     print(json.dumps({"status": head.split(b"\\r\\n")[0].decode(), "bytes": got,
                       "sha256": digest.hexdigest()}))
 
-asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3])))
+port = int(sys.argv[4]) if len(sys.argv) > 4 else 8080
+asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3]), port))
 """
 
 
@@ -278,12 +283,10 @@ def test_python_port_forward_through_the_api_server_moves_50mb_intact(
     assert result["sha256"] == hashlib.sha256(pattern_bytes(size)).hexdigest()
 
 
-def test_kubectl_port_forward_from_the_laptop_reaches_the_pod(
-    cluster: Cluster, web: list[dict[str, object]]
-) -> None:
-    pod = web[1]["metadata"]["name"]  # type: ignore[index]
+def _kubectl_port_forward(cluster: Cluster, ns: str, pod: str, port: int) -> str:
+    """The body that `curl` gets through `kubectl port-forward` on the laptop."""
     script = f"""
-kubectl port-forward -n {NS} pod/{pod} 18080:8080 >/dev/null 2>&1 &
+kubectl port-forward -n {ns} pod/{pod} 18080:{port} >/dev/null 2>&1 &
 pf=$!
 trap 'kill $pf' EXIT
 for i in $(seq 1 100); do
@@ -292,8 +295,14 @@ for i in $(seq 1 100); do
 done
 exit 1
 """
-    out = cluster.laptop("sh", "-c", script, timeout=60).stdout
-    assert out.strip() == pod
+    return cluster.laptop("sh", "-c", script, timeout=60).stdout.strip()
+
+
+def test_kubectl_port_forward_from_the_laptop_reaches_the_pod(
+    cluster: Cluster, web: list[dict[str, object]]
+) -> None:
+    pod = web[1]["metadata"]["name"]  # type: ignore[index]
+    assert _kubectl_port_forward(cluster, NS, str(pod), 8080) == pod
 
 
 def test_the_laptop_reaches_the_api_server_and_nothing_else(
@@ -328,70 +337,89 @@ def test_the_laptop_resolves_non_cluster_names_through_its_own_resolver(
     assert dig.strip() == str(cluster.settings.addresses.laptop_link_laptop)
 
 
-def test_a_pod_gets_what_a_kubelet_gives(cluster: Cluster) -> None:
-    """Service-account files, env, resolv.conf and the user it asked for."""
-    ns = "dc-kubelet"
-    cluster.kubectl("create", "namespace", ns, check=False)
+def _pod(name: str, ns: str, container: dict[str, Any], **spec: Any) -> str:
+    return to_yaml(
+        [
+            {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": {"name": name, "namespace": ns},
+                "spec": {"containers": [{"name": "main", **container}], **spec},
+            }
+        ]
+    )
+
+
+def _waiting_reason(cluster: Cluster, name: str, ns: str) -> str | None:
+    status = cluster.get("pod", name, "-n", ns).get("status", {})
+    for c in status.get("containerStatuses", []):
+        reason = c.get("state", {}).get("waiting", {}).get("reason")
+        if reason:
+            return str(reason)
+    return None
+
+
+def _restarts(cluster: Cluster, name: str, ns: str) -> int:
+    statuses = cluster.get("pod", name, "-n", ns)["status"].get("containerStatuses", [])
+    return int(statuses[0]["restartCount"]) if statuses else 0
+
+
+KUBELET_NS = "dc-kubelet"
+
+
+@pytest.fixture(scope="module")
+def kubelet_ns(cluster: Cluster) -> str:
+    cluster.kubectl("create", "namespace", KUBELET_NS, check=False)
+    return KUBELET_NS
+
+
+def test_a_pod_gets_what_a_kubelet_gives(cluster: Cluster, kubelet_ns: str) -> None:
+    """Service-account files, env, resolv.conf, hostname and the user it asked for, seen
+    from inside the container through `kubectl exec`; its output through `kubectl logs`."""
+    ns = kubelet_ns
     cluster.apply(
-        to_yaml(
-            [
-                {
-                    "apiVersion": "v1",
-                    "kind": "Pod",
-                    "metadata": {"name": "probe", "namespace": ns},
-                    "spec": {
-                        "securityContext": {"runAsUser": 4242, "runAsGroup": 4242},
-                        "containers": [
-                            {
-                                "name": "main",
-                                "image": "devcluster.local/http-server:1.0",
-                                "args": ["--port", "8080"],
-                                "ports": [{"containerPort": 8080}],
-                            }
-                        ],
-                    },
-                }
-            ]
+        _pod(
+            "probe",
+            ns,
+            {
+                "image": HTTP_IMAGE,
+                "args": ["--port", "8080"],
+                "ports": [{"containerPort": 8080}],
+                "readinessProbe": {"tcpSocket": {"port": 8080}, "periodSeconds": 1},
+            },
+            securityContext={"runAsUser": 4242, "runAsGroup": 4242},
         )
     )
-    wait_for(lambda: cluster.ready_pods(ns, ""), timeout=60, what="the probe pod to be ready")
+    cluster.kubectl("wait", "--for=condition=Ready", "pod/probe", "-n", ns, "--timeout=60s")
     pod = cluster.get("pod", "probe", "-n", ns)
     out = cluster.pod("curl", "-sf", "-m", "3", f"http://{pod['status']['podIP']}:8080/").stdout
     assert out.strip() == "probe"
 
-    # Look at the container process from the host, as it sees itself.
-    netns = pod_netns_name(pod["metadata"]["uid"])
-    pids = subprocess.run(
-        ["ip", "netns", "pids", netns], capture_output=True, text=True, check=True
-    ).stdout.split()
-    pid = next(
-        p for p in pids if b"devcluster.images.http" in Path(f"/proc/{p}/cmdline").read_bytes()
-    )
-    status = Path(f"/proc/{pid}/status").read_text()
-    assert re.search(r"^Uid:\s+4242\s", status, re.M), status
-    environ = dict(
-        item.split("=", 1)
-        for item in Path(f"/proc/{pid}/environ").read_bytes().decode().split("\0")
-        if "=" in item
-    )
+    def inside(*cmd: str) -> str:
+        return cluster.kubectl("exec", "probe", "-n", ns, "--", *cmd).stdout
+
+    assert re.search(r"^Uid:\s+4242\s", inside("cat", "/proc/self/status"), re.M)
+    # PID 1 of the container's own PID namespace is the image's entrypoint.
+    assert b"/app/http.py" in inside("cat", "/proc/1/cmdline").encode()
+    assert inside("hostname").strip() == "probe"
+    environ = dict(line.split("=", 1) for line in inside("env").splitlines() if "=" in line)
     assert environ["KUBERNETES_SERVICE_HOST"] == "10.96.0.1"
     assert environ["KUBERNETES_SERVICE_PORT"] == "443"
     assert environ["HOSTNAME"] == "probe"
-    root = Path(f"/proc/{pid}/root")
-    resolv = (root / "etc/resolv.conf").read_text()
+    resolv = inside("cat", "/etc/resolv.conf")
     assert "nameserver 10.96.0.10" in resolv
     assert f"search {ns}.svc.cluster.local svc.cluster.local cluster.local" in resolv
-    # /var/run is a symlink to /run, which would resolve in our root, not the process's.
-    sa = root / "run/secrets/kubernetes.io/serviceaccount"
-    assert (sa / "namespace").read_text() == ns
-    assert "BEGIN CERTIFICATE" in (sa / "ca.crt").read_text()
-    token = (sa / "token").read_text()
+    mounts = inside("cat", "/proc/self/mounts")
+    assert "/var/run/secrets/kubernetes.io/serviceaccount" in mounts
+    sa = "/var/run/secrets/kubernetes.io/serviceaccount"
+    assert inside("cat", f"{sa}/namespace") == ns
+    token = inside("cat", f"{sa}/token")
     whoami = cluster.pod(
         "env",
         "KUBECONFIG=/dev/null",
         str(cluster.settings.binary("kubectl")),
         "--server=https://10.96.0.1",
-        f"--certificate-authority={sa / 'ca.crt'}",
+        "--insecure-skip-tls-verify",
         f"--token={token}",
         "auth",
         "whoami",
@@ -401,57 +429,171 @@ def test_a_pod_gets_what_a_kubelet_gives(cluster: Cluster) -> None:
     assert json.loads(whoami)["status"]["userInfo"]["username"] == (
         f"system:serviceaccount:{ns}:default"
     )
-    logs = cluster.kubectl("logs", "probe", "-n", ns, check=False)
-    assert logs.returncode == 0, logs.stderr
+    logs = cluster.kubectl("logs", "probe", "-n", ns).stdout
+    assert "serving HTTP on 0.0.0.0:8080" in logs
 
 
-def test_a_pod_with_an_unknown_image_stays_waiting(cluster: Cluster) -> None:
-    ns = "dc-kubelet"
-    cluster.kubectl("create", "namespace", ns, check=False)
+def test_a_non_root_image_runs_with_a_read_only_root(cluster: Cluster, kubelet_ns: str) -> None:
+    ns = kubelet_ns
     cluster.apply(
-        to_yaml(
-            [
-                {
-                    "apiVersion": "v1",
-                    "kind": "Pod",
-                    "metadata": {"name": "unpullable", "namespace": ns},
-                    "spec": {
-                        "containers": [{"name": "main", "image": "example.invalid/nothing:0.0"}]
-                    },
-                }
-            ]
+        _pod(
+            "readonly",
+            ns,
+            {
+                "image": HTTP_IMAGE,
+                "securityContext": {
+                    "runAsNonRoot": True,
+                    "readOnlyRootFilesystem": True,
+                    "allowPrivilegeEscalation": False,
+                    "capabilities": {"drop": ["ALL"]},
+                },
+                "readinessProbe": {"tcpSocket": {"port": 8080}, "periodSeconds": 1},
+            },
         )
     )
+    cluster.kubectl("wait", "--for=condition=Ready", "pod/readonly", "-n", ns, "--timeout=60s")
+    status = cluster.kubectl("exec", "readonly", "-n", ns, "--", "id", "-u").stdout
+    assert status.strip() == "1000"  # the image's USER
+    write = cluster.kubectl("exec", "readonly", "-n", ns, "--", "touch", "/app/x", check=False)
+    assert write.returncode != 0
+    assert "Read-only file system" in write.stderr
 
-    def waiting_reason() -> str | None:
-        status = cluster.get("pod", "unpullable", "-n", ns).get("status", {})
-        for c in status.get("containerStatuses", []):
-            reason = c.get("state", {}).get("waiting", {}).get("reason")
-            if reason == "ErrImagePull":
-                return str(reason)
+
+def test_run_as_non_root_refuses_a_root_image(cluster: Cluster, kubelet_ns: str) -> None:
+    ns = kubelet_ns
+    cluster.apply(
+        _pod(
+            "rootimage",
+            ns,
+            {"image": PYTHON_BASE_IMAGE, "command": ["sleep", "3600"]},
+            securityContext={"runAsNonRoot": True},
+        )
+    )
+    wait_for(
+        lambda: _waiting_reason(cluster, "rootimage", ns) == "CreateContainerConfigError",
+        timeout=60,
+        what="CreateContainerConfigError for runAsNonRoot on a root image",
+    )
+
+
+@pytest.mark.parametrize(
+    ("policy", "reasons"),
+    [("IfNotPresent", {"ErrImagePull", "ImagePullBackOff"}), ("Never", {"ErrImageNeverPull"})],
+)
+def test_an_unknown_image_is_not_pulled(
+    cluster: Cluster, kubelet_ns: str, policy: str, reasons: set[str]
+) -> None:
+    ns = kubelet_ns
+    name = f"unpullable-{policy.lower()}"
+    cluster.apply(
+        _pod(name, ns, {"image": "example.invalid/nothing:0.0", "imagePullPolicy": policy})
+    )
+    wait_for(
+        lambda: _waiting_reason(cluster, name, ns) in reasons,
+        timeout=60,
+        what=f"one of {reasons} on the unknown image",
+    )
+    assert cluster.get("pod", name, "-n", ns)["status"]["phase"] == "Pending"
+
+
+def test_a_failing_liveness_probe_restarts_the_container(cluster: Cluster, kubelet_ns: str) -> None:
+    ns = kubelet_ns
+    cluster.apply(
+        _pod(
+            "unlively",
+            ns,
+            {
+                "image": HTTP_IMAGE,
+                # Nothing listens on 9999: every liveness check fails.
+                "livenessProbe": {
+                    "tcpSocket": {"port": 9999},
+                    "periodSeconds": 1,
+                    "failureThreshold": 1,
+                },
+            },
+        )
+    )
+    wait_for(
+        lambda: _restarts(cluster, "unlively", ns) >= 1,
+        timeout=90,
+        what="the kubelet to restart the container whose liveness probe fails",
+    )
+
+
+def test_readiness_gates_the_services_endpoints(cluster: Cluster, kubelet_ns: str) -> None:
+    ns = kubelet_ns
+    objects = [
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": "gated", "namespace": ns, "labels": {"app": "gated"}},
+            "spec": {
+                "containers": [
+                    {
+                        "name": "main",
+                        "image": HTTP_IMAGE,
+                        "readinessProbe": {
+                            "exec": {"command": ["test", "-f", "/tmp/ready"]},
+                            "periodSeconds": 1,
+                        },
+                        "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
+                    }
+                ],
+                "volumes": [{"name": "tmp", "emptyDir": {}}],
+            },
+        },
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": "gated", "namespace": ns},
+            "spec": {"selector": {"app": "gated"}, "ports": [{"port": 80, "targetPort": 8080}]},
+        },
+    ]
+    cluster.apply(to_yaml(objects))
+    wait_for(
+        lambda: _ready_endpoints(cluster, ns, "gated") is not None,
+        timeout=60,
+        what="the EndpointSlice of gated",
+    )
+    wait_for(
+        lambda: cluster.get("pod", "gated", "-n", ns)["status"].get("podIP"),
+        timeout=60,
+        what="gated to run",
+    )
+    assert _ready_endpoints(cluster, ns, "gated") == []
+    refused = cluster.pod("curl", "-s", "-m", "3", f"http://gated.{ns}/", check=False)
+    assert refused.returncode != 0
+
+    cluster.kubectl("exec", "gated", "-n", ns, "--", "touch", "/tmp/ready")
+    wait_for(
+        lambda: _ready_endpoints(cluster, ns, "gated"),
+        timeout=30,
+        what="the pod to become a ready endpoint",
+    )
+    out = wait_for(
+        lambda: cluster.pod("curl", "-sf", "-m", "3", f"http://gated.{ns}/", check=False).stdout,
+        timeout=30,
+        what="the Service to answer once the pod is ready",
+    )
+    assert out.strip() == "gated"
+
+
+def _ready_endpoints(cluster: Cluster, ns: str, service: str) -> list[str] | None:
+    slices = cluster.get("endpointslices", "-n", ns, "-l", f"kubernetes.io/service-name={service}")[
+        "items"
+    ]
+    if not slices:
         return None
-
-    wait_for(waiting_reason, timeout=30, what="ErrImagePull on the unknown image")
-    assert cluster.get("pod", "unpullable", "-n", ns)["status"]["phase"] == "Pending"
-
-
-def _container_pid(netns: str) -> str | None:
-    try:
-        pids = subprocess.run(
-            ["ip", "netns", "pids", netns], capture_output=True, text=True, check=True
-        ).stdout.split()
-    except subprocess.CalledProcessError:
-        return None
-    for pid in pids:
-        try:
-            if b"devcluster.images" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                return pid
-        except FileNotFoundError:
-            continue
-    return None
+    return [
+        address
+        for sl in slices
+        for ep in sl.get("endpoints") or []
+        if ep.get("conditions", {}).get("ready")
+        for address in ep["addresses"]
+    ]
 
 
-def test_a_stopped_process_restarts_and_a_deleted_pod_leaves_nothing(cluster: Cluster) -> None:
+def test_a_killed_process_restarts_and_a_deleted_pod_leaves_nothing(cluster: Cluster) -> None:
     ns = "dc-restart"
     cluster.kubectl("create", "namespace", ns, check=False)
     cluster.apply(http_app_manifest(name="phoenix", namespace=ns))
@@ -459,41 +601,111 @@ def test_a_stopped_process_restarts_and_a_deleted_pod_leaves_nothing(cluster: Cl
     pod = wait_for(
         lambda: cluster.ready_pods(ns, "app=phoenix"), timeout=60, what="a ready phoenix pod"
     )[0]
-    netns = pod_netns_name(pod["metadata"]["uid"])
-    first = wait_for(lambda: _container_pid(netns), timeout=30, what="the container process")
-    subprocess.run(["kill", "-9", first], check=True)
+    name = pod["metadata"]["name"]
+    first = wait_for(lambda: cluster.container_pids(pod), timeout=30, what="its process")
+    subprocess.run(["kill", "-9", *map(str, first)], check=True)
 
     def restarted_and_ready() -> bool:
-        p = cluster.get("pod", pod["metadata"]["name"], "-n", ns)
-        statuses = p["status"].get("containerStatuses", [])
+        p = cluster.get("pod", name, "-n", ns)
         ready = any(
             c["type"] == "Ready" and c["status"] == "True"
             for c in p["status"].get("conditions", [])
         )
-        return bool(statuses) and statuses[0]["restartCount"] >= 1 and ready
+        return _restarts(cluster, name, ns) >= 1 and ready
 
     wait_for(restarted_and_ready, timeout=60, what="the pod to restart its process and be ready")
-    second = _container_pid(netns)
-    assert second is not None and second != first
+    second = cluster.container_pids(pod)
+    assert second and not set(second) & set(first)
     ip = pod["status"]["podIP"]
-    assert (
-        cluster.pod("curl", "-sf", "-m", "3", f"http://{ip}:8080/").stdout.strip()
-        == (pod["metadata"]["name"])
-    )
+    assert cluster.pod("curl", "-sf", "-m", "3", f"http://{ip}:8080/").stdout.strip() == name
 
     cluster.kubectl("delete", "deployment", "phoenix", "-n", ns, "--wait=true")
     wait_for(
         lambda: not cluster.get("pods", "-n", ns)["items"], timeout=60, what="the pod to be deleted"
     )
-    wait_for(
+    wait_for(lambda: not cluster.pod_cgroups(pod), timeout=30, what="the pod's cgroups to go")
+    assert not any(Path(f"/proc/{pid}").exists() for pid in second)
+    gone = cluster.pod("curl", "-s", "-m", "3", f"http://{ip}:8080/", check=False)
+    assert gone.returncode != 0
+
+
+def test_port_forward_reaches_an_undeclared_port_bound_to_the_pods_loopback(
+    cluster: Cluster, kubelet_ns: str
+) -> None:
+    """A real kubelet dials localhost:PORT inside the pod, on any port."""
+    ns = kubelet_ns
+    cluster.apply(
+        _pod(
+            "loopback",
+            ns,
+            {
+                "image": HTTP_IMAGE,
+                "args": ["--bind", "127.0.0.1", "--port", "9090"],
+                "startupProbe": {
+                    "exec": {"command": ["python3", "-c", CONNECT_9090]},
+                    "periodSeconds": 1,
+                },
+            },
+        )
+    )
+    cluster.kubectl("wait", "--for=condition=Ready", "pod/loopback", "-n", ns, "--timeout=60s")
+    ip = cluster.get("pod", "loopback", "-n", ns)["status"]["podIP"]
+    assert cluster.pod("curl", "-s", "-m", "3", f"http://{ip}:9090/", check=False).returncode != 0
+
+    size = 1024 * 1024
+    out = cluster.laptop(VENV_PYTHON, "-c", PORT_FORWARD_SCRIPT, ns, "loopback", str(size), "9090")
+    result = json.loads(out.stdout)
+    assert result["bytes"] == size
+    assert result["sha256"] == hashlib.sha256(pattern_bytes(size)).hexdigest()
+    assert _kubectl_port_forward(cluster, ns, "loopback", 9090) == "loopback"
+
+
+CONNECT_9090 = "import socket; socket.create_connection(('127.0.0.1', 9090), 1)"
+
+
+def test_node_port_answers_on_the_node(cluster: Cluster, web: list[dict[str, object]]) -> None:
+    cluster.apply(
+        to_yaml(
+            [
+                {
+                    "apiVersion": "v1",
+                    "kind": "Service",
+                    "metadata": {"name": "web-nodeport", "namespace": NS},
+                    "spec": {
+                        "type": "NodePort",
+                        "selector": {"app": "web"},
+                        "ports": [{"port": 8080, "targetPort": 8080}],
+                    },
+                }
+            ]
+        )
+    )
+    port = cluster.get("service", "web-nodeport", "-n", NS)["spec"]["ports"][0]["nodePort"]
+    names = {p["metadata"]["name"] for p in web}  # type: ignore[index]
+    node_ip = cluster.settings.addresses.node_ip
+    out = wait_for(
         lambda: (
-            netns
-            not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+            subprocess.run(
+                [
+                    "ip",
+                    "netns",
+                    "exec",
+                    "dc-node",
+                    "curl",
+                    "-sf",
+                    "-m",
+                    "3",
+                    f"http://{node_ip}:{port}/",
+                ],
+                capture_output=True,
+                text=True,
+                check=False,
+            ).stdout
         ),
         timeout=30,
-        what="the pod's network namespace to go away",
+        what="the NodePort to answer on the node's address",
     )
-    assert not Path(f"/proc/{second}").exists()
+    assert out.strip() in names
 
 
 def test_udp_echo_answers_through_its_cluster_ip_and_pod_ip(cluster: Cluster) -> None:

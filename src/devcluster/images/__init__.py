@@ -1,6 +1,8 @@
-"""Container images devcluster knows how to run, each an exact, versioned reference.
+"""The images devcluster builds and runs, each an exact, versioned reference.
 
-A pod whose image is not listed stays waiting, as a pod with an unpullable image would.
+`devcluster.imagebuild` builds them (the recipes live there); the modules beside this file
+are the servers the test images run. A reference not listed here is not on the node, so a
+pod asking for it gets ErrImagePull, as with any image the cluster cannot pull.
 """
 
 from __future__ import annotations
@@ -8,22 +10,11 @@ from __future__ import annotations
 from telepresence import __version__ as _telepresence_version
 
 MANAGER_IMAGE = f"ghcr.io/telepresence-py/traffic-manager:{_telepresence_version}"
+#: The stand-in for a stock `python:3.x-slim`: python3 on PATH, root, nothing of ours.
+PYTHON_BASE_IMAGE = "devcluster.local/python-base:3.11"
 HTTP_IMAGE = "devcluster.local/http-server:1.0"
 TCP_ECHO_IMAGE = "devcluster.local/tcp-echo:1.0"
 UDP_ECHO_IMAGE = "devcluster.local/udp-echo:1.0"
 SAMPLE_APP_IMAGE = "devcluster.local/edgycorp-webapp:1.0"
-
-# Image reference -> Python module arguments; the container's args are appended.
-IMAGES: dict[str, list[str]] = {
-    MANAGER_IMAGE: ["-m", "telepresence.manager"],
-    HTTP_IMAGE: ["-m", "devcluster.images.http"],
-    TCP_ECHO_IMAGE: ["-m", "devcluster.images.echo", "--protocol", "tcp"],
-    UDP_ECHO_IMAGE: ["-m", "devcluster.images.echo", "--protocol", "udp"],
-    SAMPLE_APP_IMAGE: ["-m", "devcluster.images.http", "--title", "Welcome to the EdgyCorp WebApp"],
-}
-
-
-def command_for(image: str, args: list[str]) -> list[str] | None:
-    """Python arguments for an image, or None when the image cannot be 'pulled'."""
-    base = IMAGES.get(image)
-    return None if base is None else [*base, *args]
+#: Every pod's sandbox; pinned in containerd's configuration.
+PAUSE_IMAGE = "devcluster.local/pause:3.10"

@@ -65,11 +65,13 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8080")))
     parser.add_argument("--title")
+    parser.add_argument("--bind", default="0.0.0.0", help="127.0.0.1: reachable in the pod only")
     args = parser.parse_args()
     Handler.title = args.title
     ThreadingHTTPServer.daemon_threads = True
     ThreadingHTTPServer.allow_reuse_address = True
-    server = ThreadingHTTPServer(("0.0.0.0", args.port), Handler)
+    server = ThreadingHTTPServer((args.bind, args.port), Handler)
+    print(f"serving HTTP on {args.bind}:{args.port}", flush=True)
     server.serve_forever()
 
 
