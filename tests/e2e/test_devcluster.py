@@ -400,7 +400,7 @@ def test_a_pod_gets_what_a_kubelet_gives(cluster: Cluster, kubelet_ns: str) -> N
 
     assert re.search(r"^Uid:\s+4242\s", inside("cat", "/proc/self/status"), re.M)
     # PID 1 of the container's own PID namespace is the image's entrypoint.
-    assert b"/app/http.py" in inside("cat", "/proc/1/cmdline").encode()
+    assert b"/app/http_server.py" in inside("cat", "/proc/1/cmdline").encode()
     assert inside("hostname").strip() == "probe"
     environ = dict(line.split("=", 1) for line in inside("env").splitlines() if "=" in line)
     assert environ["KUBERNETES_SERVICE_HOST"] == "10.96.0.1"
@@ -410,7 +410,8 @@ def test_a_pod_gets_what_a_kubelet_gives(cluster: Cluster, kubelet_ns: str) -> N
     assert "nameserver 10.96.0.10" in resolv
     assert f"search {ns}.svc.cluster.local svc.cluster.local cluster.local" in resolv
     mounts = inside("cat", "/proc/self/mounts")
-    assert "/var/run/secrets/kubernetes.io/serviceaccount" in mounts
+    # /var/run is a symlink to /run in the image: the kernel names the real path.
+    assert " /run/secrets/kubernetes.io/serviceaccount " in mounts
     sa = "/var/run/secrets/kubernetes.io/serviceaccount"
     assert inside("cat", f"{sa}/namespace") == ns
     token = inside("cat", f"{sa}/token")
@@ -728,7 +729,15 @@ def test_udp_echo_answers_through_its_cluster_ip_and_pod_ip(cluster: Cluster) ->
     svc_ip = cluster.get("service", "udpecho", "-n", ns)["spec"]["clusterIP"]
     client = (
         "import socket, sys; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); "
-        "s.settimeout(5); s.sendto(b'ping', (sys.argv[1], 9000)); print(s.recv(100).decode())"
+        "s.settimeout(2); s.sendto(b'ping', (sys.argv[1], 9000)); print(s.recv(100).decode())"
     )
     for target in (svc_ip, pod["status"]["podIP"]):
-        assert cluster.pod(VENV_PYTHON, "-c", client, target).stdout.strip() == "ping"
+        # kube-proxy programs a new Service's rules a moment after the pod is ready.
+        out = wait_for(
+            lambda target=target: (
+                cluster.pod(VENV_PYTHON, "-c", client, target, check=False).stdout
+            ),
+            timeout=30,
+            what=f"a UDP echo from {target}",
+        )
+        assert out.strip() == "ping"
