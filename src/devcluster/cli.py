@@ -121,6 +121,9 @@ def up(settings: Settings, *, sample_app: bool) -> None:
         start_supervisor(settings)
     else:
         print("devcluster is already up")
+        updated = node.import_images(settings, archives)
+        if updated:
+            print(f"imported rebuilt images: {', '.join(updated)}")
     if sample_app:
         deploy_sample_app(settings)
     print(f"devcluster is up: API server {settings.addresses.api_url}")

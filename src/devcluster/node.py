@@ -220,6 +220,46 @@ def kube_proxy_config(settings: Settings, *, kubeconfig: Path) -> str:
     return yaml.safe_dump(conf, sort_keys=False)
 
 
+# --- images ------------------------------------------------------------------------------
+
+
+def _ctr(settings: Settings, *args: str, timeout: float = 300) -> str:
+    return run(
+        [
+            str(settings.binary("ctr")),
+            f"--address={host_containerd_socket(settings)}",
+            "--namespace=k8s.io",
+            *args,
+        ],
+        timeout=timeout,
+    ).stdout
+
+
+def image_digests(settings: Settings) -> dict[str, str]:
+    """What containerd holds: reference -> manifest digest."""
+    digests = {}
+    for line in _ctr(settings, "images", "ls").splitlines()[1:]:
+        fields = line.split()
+        if len(fields) >= 3:
+            digests[fields[0]] = fields[2]
+    return digests
+
+
+def import_images(settings: Settings, archives: dict[str, Path]) -> list[str]:
+    """Imports (and unpacks) every archive whose image containerd lacks or holds at another
+    digest, so a rebuilt image reaches the node without a restart; returns what it imported."""
+    from devcluster.oci import manifest_digest
+
+    held = image_digests(settings)
+    imported = []
+    for reference, archive in sorted(archives.items()):
+        if held.get(reference) == manifest_digest(archive):
+            continue
+        _ctr(settings, "images", "import", str(archive))
+        imported.append(reference)
+    return imported
+
+
 # --- preparing and removing the node ---------------------------------------------------
 
 

@@ -16,6 +16,7 @@ import signal
 import socket
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from devcluster import controlplane, laptop, node
@@ -172,22 +173,10 @@ class Supervisor:
                     "containerd did not create its socket in 60s; see containerd.log"
                 )
             await asyncio.sleep(0.1)
-        for reference, archive in sorted(archives.items()):
-            proc = await asyncio.create_subprocess_exec(
-                str(s.binary("ctr")),
-                f"--address={socket_path}",
-                "--namespace=k8s.io",
-                "images",
-                "import",
-                "--no-unpack=false",
-                str(archive),
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.STDOUT,
-            )
-            out, _ = await proc.communicate()
-            if proc.returncode != 0:
-                raise RuntimeError(f"importing {reference}: {out.decode().strip()}")
-            log.info("imported %s", reference)
+        imported = await asyncio.to_thread(
+            node.import_images, s, {ref: Path(path) for ref, path in archives.items()}
+        )
+        log.info("imported %s", ", ".join(imported))
 
     async def _wait_api_ready(self) -> None:
         assert self.kube is not None

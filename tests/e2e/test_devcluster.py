@@ -369,7 +369,11 @@ KUBELET_NS = "dc-kubelet"
 
 @pytest.fixture(scope="module")
 def kubelet_ns(cluster: Cluster) -> str:
+    """A namespace whose pods start fresh, even on a cluster an earlier run used."""
     cluster.kubectl("create", "namespace", KUBELET_NS, check=False)
+    cluster.kubectl(
+        "delete", "pods", "--all", "-n", KUBELET_NS, "--grace-period=0", "--force", "--wait"
+    )
     return KUBELET_NS
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-from devcluster.settings import LAPTOP_USER
+from devcluster.settings import LAPTOP_USER, Settings
 from tests.e2e.cluster import Cluster
 
 
@@ -24,6 +24,9 @@ def _host_state() -> dict[str, str]:
             if "netns" in line or "devcluster" in line or "secrets" in line
         ),
         "laptop user processes": sh("pgrep", "-u", LAPTOP_USER, "-a"),
+        # The node's cgroups (containers are found through them) and its disk.
+        "cgroups": "\n".join(sorted(str(p) for p in Path("/sys/fs/cgroup").glob("*/devcluster"))),
+        "node dir": str(Settings().paths.node.exists()),
     }
 
 
@@ -42,19 +45,26 @@ def _cluster_processes(cluster: Cluster) -> list[str]:
             or "devcluster.supervisor" in cmdline
             or ("dnsmasq" in cmdline and "198.51.100.53" in cmdline)
             or "devcluster.images" in cmdline
+            or "/app/http_server.py" in cmdline
+            or "telepresence.manager" in cmdline
         ):
             found.append(cmdline)
     return found
 
 
 def test_up_twice_is_safe_and_down_leaves_nothing(cluster: Cluster) -> None:
-    again = cluster.devcluster("up")
+    again = cluster.devcluster("up", "--sample-app")
     assert "already up" in again.stdout
     assert cluster.laptop("kubectl", "get", "--raw", "/readyz").stdout.strip() == "ok"
-    assert _cluster_processes(cluster)
+    running = _cluster_processes(cluster)
+    # Containers and their shims are among what `down` must stop.
+    assert any("/app/http_server.py" in p for p in running), running
+    assert any("containerd-shim-runc-v2" in p for p in running), running
 
     cluster.devcluster("down")
     after = _host_state()
+    assert after["cgroups"] == ""
+    assert after["node dir"] == "False"
     assert "dc-" not in after["netns"]
     assert "dc-" not in after["mounts"]
     assert "devcluster" not in after["nft"]
