@@ -114,6 +114,8 @@ def create_base(addr: Addresses) -> None:
         gateway="",
     )
     ip("route", "add", "default", "via", str(addr.external_link_node), netns=EXTERNAL_NS)
+    ip("addr", "add", f"{addr.metadata_ip}/32", "dev", "lo", netns=EXTERNAL_NS)
+    ip("route", "add", f"{addr.metadata_ip}/32", "via", str(addr.external_ip), netns=NODE_NS)
 
     _link(
         node_side="dc-toolbox",

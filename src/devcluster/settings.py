@@ -53,6 +53,9 @@ class Addresses:
     external_link_node: IPv4Address = IPv4Address("203.0.113.1")
     external_ip: IPv4Address = IPv4Address("203.0.113.2")
     external_name: str = "db.external.test"
+    # A cloud's instance metadata address, answered by the external host: what a pod (the
+    # traffic manager included) could reach on a real cloud, and the laptop must not.
+    metadata_ip: IPv4Address = IPv4Address("169.254.169.254")
 
     @property
     def api_url(self) -> str:

@@ -77,6 +77,28 @@ def test_config_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         settings.load()
 
 
+def test_the_managers_dial_lists_in_the_config_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
+    path = tmp_path / "telepresence" / "config.yml"
+    path.parent.mkdir()
+    path.write_text("manager:\n  image: img:2\n")
+    config = settings.load()
+    # Absent: not configured, so an installed manager's policy is left alone.
+    assert config.manager_dial_allow is None and config.manager_dial_deny is None
+    path.write_text("manager:\n  dialAllow: [169.254.169.254/32, 10.0.0.1]\n  dialDeny: []\n")
+    config = settings.load()
+    assert config.manager_dial_allow == ["169.254.169.254/32", "10.0.0.1/32"]
+    assert config.manager_dial_deny == []
+    path.write_text("manager:\n  dialDeny: [10.0.0.5/8]\n")
+    with pytest.raises(settings.SettingsError, match=r"dialDeny: '10\.0\.0\.5/8'"):
+        settings.load()
+    path.write_text("manager:\n  dialAllow: {a: 1}\n")
+    with pytest.raises(settings.SettingsError, match="dialAllow: expected a list"):
+        settings.load()
+
+
 def test_status_text_not_running_and_connected() -> None:
     text = render.status_text(
         {"user_daemon": {"running": False}, "root_daemon": {"running": False}}

@@ -11,6 +11,9 @@ import yaml
 from telepresence import __version__
 from telepresence.k8s import manifests
 from telepresence.k8s.api import object_path
+from telepresence.manager import config
+from telepresence.manager.dialpolicy import DialPolicy
+from telepresence.tunnel.endpoint import STREAM_WINDOW
 
 Obj = dict[str, Any]
 
@@ -211,7 +214,7 @@ def test_cluster_scoped_names_carry_the_namespace() -> None:
     assert by_kind("ClusterRole")["metadata"]["name"] == "traffic-manager-ambassador"
 
 
-# --- the deployment and service ---------------------------------------------------------------
+# --- the deployment ---------------------------------------------------------------
 
 
 def test_the_default_image_is_the_package_version() -> None:
@@ -238,25 +241,68 @@ def test_the_version_travels_on_the_deployment_and_its_pods() -> None:
     assert deployment["spec"]["replicas"] == 1
 
 
-def test_ports_env_and_probe() -> None:
+def test_only_the_health_port_is_declared() -> None:
+    # The tunnel listens on the pod's loopback for port-forwards; the pod network gets the
+    # health port alone.
     container = pod_spec()["containers"][0]
     ports = {p["name"]: (p["containerPort"], p["protocol"]) for p in container["ports"]}
-    assert ports == {"tunnel": (8081, "TCP"), "health": (8082, "TCP")}
-    env = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in container["env"]}
-    assert env == {"POD_NAME": "metadata.name", "POD_NAMESPACE": "metadata.namespace"}
-    assert container["readinessProbe"]["tcpSocket"]["port"] == "tunnel"
+    assert ports == {"health": (8082, "TCP")}
 
 
-def test_the_service_selects_the_deployments_pods_on_the_tunnel_port() -> None:
-    svc = by_kind("Service")
+def test_there_is_no_service() -> None:
+    # Nothing in the product reaches the manager except through pods/portforward.
+    assert not [o for o in OBJECTS if o["kind"] == "Service"]
+
+
+def test_env_carries_the_pod_identity_and_empty_dial_lists_by_default() -> None:
+    env = {e["name"]: e for e in pod_spec()["containers"][0]["env"]}
+    assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    assert env["POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
+    assert env["TELEPRESENCE_DIAL_ALLOW"] == {"name": "TELEPRESENCE_DIAL_ALLOW", "value": ""}
+    assert env["TELEPRESENCE_DIAL_DENY"] == {"name": "TELEPRESENCE_DIAL_DENY", "value": ""}
+
+
+def test_dial_lists_are_parameters_and_the_manager_parses_them_back() -> None:
+    objects = manifests.manager_objects(
+        dial_allow=["169.254.169.254/32"], dial_deny=["10.0.5.0/24", "10.0.6.0/24"]
+    )
+    env = {e["name"]: e.get("value") for e in pod_spec(objects)["containers"][0]["env"]}
+    assert env["TELEPRESENCE_DIAL_ALLOW"] == "169.254.169.254/32"
+    assert env["TELEPRESENCE_DIAL_DENY"] == "10.0.5.0/24,10.0.6.0/24"
+    policy = DialPolicy.from_env({k: v for k, v in env.items() if v is not None})
+    assert policy.check("169.254.169.254").allowed
+    assert not policy.check("10.0.6.1").allowed
+
+
+def test_probes_ask_the_health_listener() -> None:
+    container = pod_spec()["containers"][0]
+    ready = container["readinessProbe"]
+    live = container["livenessProbe"]
+    for probe in (ready, live):
+        assert probe["httpGet"] == {"path": "/readyz", "port": "health"}
+        assert "tcpSocket" not in probe
+    # Readiness is quick (connect waits on it); liveness restarts only after a minute.
+    assert ready["periodSeconds"] * ready["failureThreshold"] <= 10
+    assert live["periodSeconds"] * live["failureThreshold"] >= 60
+
+
+def test_resources_request_little_and_limit_memory_only() -> None:
+    resources = pod_spec()["containers"][0]["resources"]
+    assert resources["requests"] == {"cpu": "50m", "memory": "64Mi"}
+    assert resources["limits"] == {"memory": "512Mi"}  # no cpu limit: throttling is latency
+
+
+def test_the_memory_limit_covers_the_planned_worst_case() -> None:
+    limit = config.MEMORY_LIMIT_MIB * config.MIB
+    worst = config.BASELINE + config.PLANNED_STALLED_STREAMS * config.STREAM_WORST_CASE
+    assert worst <= limit < worst + 128 * config.MIB
+    assert config.STREAM_WORST_CASE >= 2 * STREAM_WINDOW
+
+
+def test_the_deployment_selects_its_own_pods() -> None:
     deployment = by_kind("Deployment")
     pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
-    assert svc["spec"]["type"] == "ClusterIP"
-    assert svc["spec"]["selector"].items() <= pod_labels.items()
     assert deployment["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
-    assert svc["spec"]["ports"] == [
-        {"name": "tunnel", "port": 8081, "targetPort": "tunnel", "protocol": "TCP"}
-    ]
 
 
 def test_the_yaml_is_plain_and_round_trips() -> None:
@@ -274,6 +320,14 @@ def test_objects_build_their_api_paths() -> None:
         "/apis/rbac.authorization.k8s.io/v1/clusterrolebindings/traffic-manager-ambassador",
         "/apis/rbac.authorization.k8s.io/v1/namespaces/ambassador/roles/traffic-manager",
         "/apis/rbac.authorization.k8s.io/v1/namespaces/ambassador/rolebindings/traffic-manager",
-        "/api/v1/namespaces/ambassador/services/traffic-manager",
         "/apis/apps/v1/namespaces/ambassador/deployments/traffic-manager",
     ]
+
+
+def test_the_installer_reads_back_the_dial_lists_it_applies() -> None:
+    # `ensure_manager` re-applies when the configured lists differ from the installed ones.
+    from telepresence.k8s.install import _dial_env_of
+
+    objects = manifests.manager_objects(dial_allow=["169.254.169.254/32"])
+    assert _dial_env_of(by_kind("Deployment", objects)) == ("169.254.169.254/32", "")
+    assert _dial_env_of(by_kind("Deployment")) == ("", "")

@@ -5,17 +5,20 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import os
 import socket
 from collections.abc import AsyncIterator
+from ipaddress import ip_network
 from typing import cast
 
 import pytest
 
 from telepresence.daemon.pool import ManagerPool
-from telepresence.manager.server import Manager, TunnelConnection
+from telepresence.manager.dialpolicy import DialPolicy
+from telepresence.manager.server import POLICY_REFUSAL, Manager, TunnelConnection
 from telepresence.tunnel.flows import SocketFlow
-from telepresence.tunnel.frames import Dial, IPProtocol
+from telepresence.tunnel.frames import Dial, DialError, IPProtocol
 from telepresence.tunnel.messages import ClusterInfo
 
 INFO = ClusterInfo(("10.96.0.0/16",), ("10.244.0.0/24",), "cluster.local", "10.96.0.10")
@@ -55,9 +58,13 @@ async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
     writer.close()
 
 
+#: Loopback stands in for the cluster here, so these tests open what the default refuses.
+LOOPBACK_ALLOWED = DialPolicy(allow=[ip_network("127.0.0.0/8")])
+
+
 class World:
     def __init__(self) -> None:
-        self.manager = Manager(dns_lookup=self._lookup)
+        self.manager = Manager(dns_lookup=self._lookup, dial_policy=LOOPBACK_ALLOWED)
         self.manager.set_cluster_info(INFO)
         self.forwards = 0
 
@@ -325,3 +332,91 @@ async def test_links_that_go_silent_are_dropped_and_the_pool_rejoins(world: Worl
 
     await _rejoined(world, first_session)
     assert await _echo_through(world, b"alive") == b"alive"
+
+
+class _DialRecorder(_Collector):
+    def __init__(self) -> None:
+        super().__init__()
+        self.result: asyncio.Future[tuple[object, str]] = asyncio.get_running_loop().create_future()
+
+    def dial_result(self, error: object, message: str) -> None:
+        if not self.result.done():
+            self.result.set_result((error, message))
+
+
+@pytest.mark.parametrize("protocol", [IPProtocol.TCP, IPProtocol.UDP])
+@pytest.mark.parametrize(
+    ("address", "why"),
+    [
+        ("169.254.169.254", "169.254.169.254 is link-local"),
+        ("127.0.0.1", "the manager's own loopback"),
+        ("::ffff:127.0.0.1", "the manager's own loopback"),
+        ("0.0.0.0", "reaches the manager itself"),
+    ],
+)
+async def test_the_default_policy_refuses_before_dialing(
+    world: World, protocol: IPProtocol, address: str, why: str
+) -> None:
+    world.manager.dial_policy = DialPolicy()
+    await world.pool.start()
+    recorder = _DialRecorder()
+    world.pool.open_stream(Dial(protocol, address, 80), recorder)
+    error, message = await asyncio.wait_for(recorder.result, 10)
+    assert error is DialError.FAILED
+    assert message.startswith(f"{POLICY_REFUSAL}: ")
+    assert why in message
+
+
+async def test_an_allow_entry_opens_a_default_refused_range(world: World) -> None:
+    world.manager.dial_policy = DialPolicy(allow=[ip_network("127.0.0.1/32")])
+    await world.pool.start()
+    assert await _echo_through(world, b"hello") == b"hello"
+
+
+async def test_a_policy_refusal_resets_the_local_connection_at_once(world: World) -> None:
+    world.manager.dial_policy = DialPolicy()
+    await world.pool.start()
+    reader, _ = await _splice(world, world.echo_port)  # the echo server is on 127.0.0.1
+    with pytest.raises(ConnectionResetError):
+        await asyncio.wait_for(reader.read(1), 10)
+
+
+async def test_a_refused_udp_flow_is_logged_as_a_warning_with_the_reason(
+    world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    from ipaddress import IPv4Address
+
+    from telepresence.daemon.packets import Datagram, build
+    from telepresence.daemon.udp import UdpRelay
+
+    world.manager.dial_policy = DialPolicy()
+    await world.pool.start()
+    loop = asyncio.get_running_loop()
+    tun, kernel = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    kernel.setblocking(False)
+    relay = UdpRelay(world.pool, tun.fileno())
+    relay.start()
+    try:
+        with caplog.at_level(logging.INFO, logger="telepresence.dial"):
+            out = Datagram(
+                IPv4Address("198.18.255.254"), 40000, IPv4Address("169.254.169.254"), 53, b"q"
+            )
+            await loop.sock_sendall(kernel, build(out))
+
+            async def logged() -> logging.LogRecord:
+                while not caplog.records:
+                    await asyncio.sleep(0.01)  # poll interval of a wait with a deadline
+                return caplog.records[0]
+
+            record = await asyncio.wait_for(logged(), 10)
+        assert record.levelno == logging.WARNING
+        assert record.getMessage() == (
+            "UDP 169.254.169.254:53: the cluster dial failed: refused by the manager's dial "
+            "policy: 169.254.169.254 is link-local, where clouds serve instance metadata "
+            "(allow it with TELEPRESENCE_DIAL_ALLOW)"
+        )
+        assert not relay.flows
+    finally:
+        relay.close()
+        tun.close()
+        kernel.close()

@@ -128,6 +128,8 @@ def cmd_connect(args: argparse.Namespace) -> int:
         "namespace": args.namespace,
         "manager_image": args.manager_image or config.manager_image,
         "manager_namespace": args.manager_namespace or config.manager_namespace,
+        "manager_dial_allow": config.manager_dial_allow,
+        "manager_dial_deny": config.manager_dial_deny,
         "mapped_namespaces": settings.parse_mapped_namespaces(args.mapped_namespaces),
         "also_proxy": settings.cidrs(args.also_proxy, "--also-proxy") or config.also_proxy,
         "never_proxy": settings.cidrs(args.never_proxy, "--never-proxy") or config.never_proxy,
@@ -186,8 +188,14 @@ def cmd_version(args: argparse.Namespace) -> int:
 def cmd_manifests(args: argparse.Namespace) -> int:
     from telepresence.k8s import manifests
 
-    kwargs = {"image": args.manager_image} if args.manager_image else {}
-    sys.stdout.write(manifests.manifests_yaml(**kwargs))
+    config = settings.load()
+    sys.stdout.write(
+        manifests.manifests_yaml(
+            image=args.manager_image or config.manager_image,
+            dial_allow=config.manager_dial_allow or (),
+            dial_deny=config.manager_dial_deny or (),
+        )
+    )
     return 0
 
 

@@ -5,6 +5,10 @@
     manager:
       image: ghcr.io/telepresence-py/traffic-manager:0.1.0
       namespace: ambassador
+      # The manager's dial policy (docs/architecture.md): open default-refused ranges,
+      # refuse more. Unset: an installed manager's policy is left as it is.
+      dialAllow: [169.254.169.254/32]
+      dialDeny: [10.0.5.0/24]
     routing:
       alsoProxy: [10.0.0.0/8]
       neverProxy: [10.0.5.0/24]
@@ -31,6 +35,9 @@ class Config:
     also_proxy: list[str] = field(default_factory=list)
     never_proxy: list[str] = field(default_factory=list)
     allow_conflicting_subnets: list[str] = field(default_factory=list)
+    # None: not configured (see `ensure_manager`), unlike an empty list.
+    manager_dial_allow: list[str] | None = None
+    manager_dial_deny: list[str] | None = None
 
 
 def cidrs(text: str, flag: str) -> list[str]:
@@ -62,6 +69,20 @@ def parse_mapped_namespaces(text: str | None) -> list[str] | None:
     return names
 
 
+def _cidr_key(section: dict[str, Any], key: str, where: str) -> list[str] | None:
+    """An optional list of CIDRs; None when the key is absent."""
+    if key not in section:
+        return None
+    value = section[key]
+    if value is None:
+        return []
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list):
+        raise SettingsError(f"{where} {key}: expected a list of CIDRs like [10.0.0.0/8]")
+    return cidrs(",".join(str(v) for v in value), f"{where} {key}")
+
+
 def load() -> Config:
     path = paths.config_file()
     try:
@@ -80,6 +101,8 @@ def load() -> Config:
     return Config(
         manager_image=manager.get("image"),
         manager_namespace=manager.get("namespace"),
+        manager_dial_allow=_cidr_key(manager, "dialAllow", where),
+        manager_dial_deny=_cidr_key(manager, "dialDeny", where),
         also_proxy=cidrs(",".join(routing.get("alsoProxy") or []), f"{where} alsoProxy"),
         never_proxy=cidrs(",".join(routing.get("neverProxy") or []), f"{where} neverProxy"),
         allow_conflicting_subnets=cidrs(

@@ -13,10 +13,12 @@ import ipaddress
 import logging
 import socket
 import struct
+import time
 
+from telepresence.daemon.dialfailures import DialFailureLog
 from telepresence.daemon.pool import ManagerPool, PoolUnavailable
 from telepresence.tunnel.flows import SocketFlow, abort_with_reset
-from telepresence.tunnel.frames import Dial, IPProtocol
+from telepresence.tunnel.frames import Dial, DialError, IPProtocol
 
 log = logging.getLogger("telepresence.proxy")
 
@@ -34,6 +36,7 @@ class ProxyFlow(SocketFlow):
     def __init__(self, proxy: TransparentProxy) -> None:
         super().__init__(on_done=proxy._flow_done)
         self.proxy = proxy
+        self.dial: Dial | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -48,15 +51,22 @@ class ProxyFlow(SocketFlow):
             # Someone connected to the proxy port itself: nothing to forward to.
             abort_with_reset(self.transport)
             return
+        self.dial = Dial(IPProtocol.TCP, address, port)
         try:
-            self.stream = self.proxy.pool.open_stream(Dial(IPProtocol.TCP, address, port), self)
+            self.stream = self.proxy.pool.open_stream(self.dial, self)
         except PoolUnavailable:
             abort_with_reset(self.transport)
 
+    def dial_result(self, error: DialError | None, message: str) -> None:
+        if error is not None and self.dial is not None:
+            self.proxy.dial_log.failed(self.dial, error, message, now=time.monotonic())
+        super().dial_result(error, message)
+
 
 class TransparentProxy:
-    def __init__(self, pool: ManagerPool) -> None:
+    def __init__(self, pool: ManagerPool, *, dial_log: DialFailureLog | None = None) -> None:
         self.pool = pool
+        self.dial_log = dial_log if dial_log is not None else DialFailureLog()
         self.flows: set[ProxyFlow] = set()
         self.server: asyncio.Server | None = None
         self.address: tuple[str, int] = ("127.0.0.1", 0)

@@ -28,16 +28,24 @@ import dns.message
 
 from telepresence import __version__, paths
 from telepresence.daemon import nsswitch
+from telepresence.daemon.dialfailures import DialFailureLog
 from telepresence.daemon.dns import DnsServer
 from telepresence.daemon.dnsrules import NameRules
 from telepresence.daemon.pool import ManagerPool, PoolUnavailable
 from telepresence.daemon.proxy import TransparentProxy
 from telepresence.daemon.udp import UdpRelay
 from telepresence.k8s import kubeconfig
-from telepresence.k8s.api import ApiUnreachable, Changed, KubeApi, KubeError, Listed
+from telepresence.k8s.api import (
+    ApiUnreachable,
+    Changed,
+    Forbidden,
+    KubeApi,
+    KubeError,
+    Listed,
+)
 from telepresence.k8s.install import ensure_manager, find_manager_pod
 from telepresence.k8s.manifests import DEFAULT_NAMESPACE, TUNNEL_PORT
-from telepresence.k8s.portforward import PortForward
+from telepresence.k8s.portforward import PortForward, portforward_hint
 from telepresence.netfilter.client import HelperClient, HelperError
 from telepresence.tunnel.messages import ClusterInfo
 
@@ -62,6 +70,9 @@ class ConnectRequest:
     namespace: str | None = None
     manager_image: str | None = None
     manager_namespace: str | None = None
+    # The manager's dial policy lists; None: not configured, an installed manager keeps its.
+    manager_dial_allow: tuple[str, ...] | None = None
+    manager_dial_deny: tuple[str, ...] | None = None
     # None: every namespace the user may list, followed live.
     mapped_namespaces: tuple[str, ...] | None = None
     also_proxy: tuple[str, ...] = ()
@@ -72,12 +83,16 @@ class ConnectRequest:
     @classmethod
     def from_json(cls, req: dict[str, Any]) -> ConnectRequest:
         mapped = req.get("mapped_namespaces")
+        allow = req.get("manager_dial_allow")
+        deny = req.get("manager_dial_deny")
         return cls(
             kubeconfig=req.get("kubeconfig"),
             context=req.get("context"),
             namespace=req.get("namespace"),
             manager_image=req.get("manager_image"),
             manager_namespace=req.get("manager_namespace"),
+            manager_dial_allow=None if allow is None else tuple(allow),
+            manager_dial_deny=None if deny is None else tuple(deny),
             mapped_namespaces=None if mapped is None else tuple(mapped),
             also_proxy=tuple(req.get("also_proxy") or ()),
             never_proxy=tuple(req.get("never_proxy") or ()),
@@ -156,6 +171,8 @@ class Session:
         self.dns_port = 0
         self._ssl: ssl.SSLContext | None = None
         self.udp: UdpRelay | None = None
+        # One for TCP and UDP: why the cluster could not dial, without flooding the log.
+        self.dial_log = DialFailureLog()
         self.host_routes: set[IPv4Address] = set()
         # Local-only intercepts: name -> namespace put on the search path.
         self.intercepts: dict[str, str] = {}
@@ -192,6 +209,8 @@ class Session:
                 self.api,
                 namespace=self.manager_namespace,
                 image=self.request.manager_image,
+                dial_allow=self.request.manager_dial_allow,
+                dial_deny=self.request.manager_dial_deny,
                 progress=progress,
             )
         except KubeError as e:
@@ -209,6 +228,9 @@ class Session:
         )
         try:
             self.cluster_info = await self.pool.start(timeout=60)
+        except Forbidden as e:
+            # RBAC decides who may use the manager; the message names the grant to ask for.
+            raise ConnectError(str(e)) from e
         except (Exception, TimeoutError) as e:
             raise ConnectError(
                 f"cannot open a tunnel to the traffic manager ({_cause(e)}); check "
@@ -221,7 +243,7 @@ class Session:
             else ResolvConf((), ())
         )
         await self._load_namespaces()
-        self.proxy = TransparentProxy(self.pool)
+        self.proxy = TransparentProxy(self.pool, dial_log=self.dial_log)
         proxy_port = await self.proxy.start()
         upstream = self.resolv.nameservers[0] if self.resolv.nameservers else "127.0.0.1"
         self.dns = DnsServer(
@@ -262,7 +284,7 @@ class Session:
             raise ConnectError(str(e)) from e
         self.tun_fd = result.tun_fd
         self.routed = result.routed
-        self.udp = UdpRelay(self.pool, self.tun_fd)
+        self.udp = UdpRelay(self.pool, self.tun_fd, dial_log=self.dial_log)
         self.udp.start()
         self.tasks.append(asyncio.create_task(self._watch_helper(), name="watch-helper"))
         self.tasks.append(asyncio.create_task(self._watch_namespaces(), name="namespaces"))
@@ -287,7 +309,10 @@ class Session:
 
     async def _open_forward(self) -> PortForward:
         assert self.api is not None and self.access is not None and self.http is not None
-        info = await find_manager_pod(self.api, self.manager_namespace)
+        try:
+            info = await find_manager_pod(self.api, self.manager_namespace)
+        except Forbidden as e:
+            raise e.with_hint(portforward_hint(self.manager_namespace)) from e
         if info is None:
             raise PoolUnavailable("no ready traffic manager pod")
         self.manager_pod = info.pod_name

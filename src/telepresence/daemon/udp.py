@@ -16,6 +16,7 @@ import time
 from ipaddress import IPv4Address
 
 from telepresence.daemon import packets
+from telepresence.daemon.dialfailures import DialFailureLog
 from telepresence.daemon.pool import ManagerPool, PoolUnavailable
 from telepresence.tunnel.endpoint import TunnelStream
 from telepresence.tunnel.frames import Dial, DialError, IPProtocol
@@ -63,13 +64,23 @@ class UdpFlow:
 
     def dial_result(self, error: DialError | None, message: str) -> None:
         if error is not None:
-            log.debug("UDP flow %s refused: %s", self.key, message)
+            _, _, dst, dport = self.key
+            dial = Dial(IPProtocol.UDP, str(dst), dport)
+            self.relay.dial_log.failed(dial, error, message, now=time.monotonic())
             self.relay.drop(self.key)
 
 
 class UdpRelay:
-    def __init__(self, pool: ManagerPool, tun_fd: int, *, idle_timeout: float = IDLE_TIMEOUT):
+    def __init__(
+        self,
+        pool: ManagerPool,
+        tun_fd: int,
+        *,
+        idle_timeout: float = IDLE_TIMEOUT,
+        dial_log: DialFailureLog | None = None,
+    ):
         self.pool = pool
+        self.dial_log = dial_log if dial_log is not None else DialFailureLog()
         self.fd = tun_fd
         self.idle_timeout = idle_timeout
         self.flows: dict[FlowKey, UdpFlow] = {}

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 from telepresence import __version__
@@ -25,6 +25,8 @@ from telepresence.k8s.api import (
     resource_path,
     wait_until,
 )
+from telepresence.manager import config
+from telepresence.manager.dialpolicy import format_networks
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +76,20 @@ def _image_of(obj: Obj) -> str:
     return ""
 
 
+def _dial_env_of(obj: Obj) -> tuple[str, str]:
+    """The manager container's dial allow and deny lists, as their env values."""
+    spec = obj.get("spec", {})
+    spec = spec.get("template", {}).get("spec", spec)
+    for container in spec.get("containers") or []:
+        if container.get("name") == manifests.NAME:
+            env = {e.get("name"): e.get("value", "") for e in container.get("env") or []}
+            return (
+                str(env.get(config.DIAL_ALLOW_ENV, "")),
+                str(env.get(config.DIAL_DENY_ENV, "")),
+            )
+    return ("", "")
+
+
 def _info(pod: Obj, *, upgraded: bool = False) -> ManagerInfo:
     return ManagerInfo(
         pod_name=pod["metadata"]["name"],
@@ -119,12 +135,18 @@ async def ensure_manager(
     namespace: str = manifests.DEFAULT_NAMESPACE,
     image: str | None = None,
     version: str = __version__,
+    dial_allow: Sequence[str] | None = None,
+    dial_deny: Sequence[str] | None = None,
     progress: Callable[[str], None] = lambda _: None,
     timeout: float = 120,
 ) -> ManagerInfo:
     """A serving traffic manager of ``version`` running ``image``: the one already there,
     or one installed or upgraded now. Raises :class:`Forbidden` (naming the missing
-    permission and how an admin can install instead) or :class:`InstallError`."""
+    permission and how an admin can install instead) or :class:`InstallError`.
+
+    ``dial_allow``/``dial_deny`` (the user's config) re-apply a manager whose dial policy
+    differs; left None, they leave an installed manager's policy alone (an admin may have
+    set it) and install the defaults."""
     image = image or manifests.default_image(version)
     try:
         try:
@@ -132,7 +154,15 @@ async def ensure_manager(
         except NotFound:
             current = None
         installed = None if current is None else (_version_of(current), _image_of(current))
-        if installed == (version, image):
+        wanted_dial = (
+            None
+            if dial_allow is None and dial_deny is None
+            else (format_networks(dial_allow or ()), format_networks(dial_deny or ()))
+        )
+        dial_differs = (
+            current is not None and wanted_dial is not None and _dial_env_of(current) != wanted_dial
+        )
+        if installed == (version, image) and not dial_differs:
             found = await find_manager_pod(api, namespace)
             if found is not None and found.version == version:
                 return found
@@ -141,19 +171,51 @@ async def ensure_manager(
                 progress("Installing Traffic Manager")
             elif installed[0] != version:
                 progress(f"Upgrading Traffic Manager from {installed[0]} to {version}")
-            else:
+            elif installed[1] != image:
                 progress(f"Updating Traffic Manager image to {image}")
-            objects = manifests.manager_objects(namespace=namespace, image=image, version=version)
+            else:
+                progress("Updating Traffic Manager dial policy")
+            objects = manifests.manager_objects(
+                namespace=namespace,
+                image=image,
+                version=version,
+                dial_allow=dial_allow or (),
+                dial_deny=dial_deny or (),
+            )
             await _dry_run(api, objects)
             for obj in objects:
                 await api.apply(obj)
+            if installed is not None:
+                await _delete_obsolete(api, namespace)
         progress("Waiting for Traffic Manager")
         info = await _wait_ready(
-            api, namespace=namespace, image=image, version=version, timeout=timeout
+            api,
+            namespace=namespace,
+            image=image,
+            version=version,
+            dial=wanted_dial,
+            timeout=timeout,
         )
     except Forbidden as e:
         raise e.with_hint(INSTALL_HINT) from e
-    return replace(info, upgraded=installed is not None and installed != (version, image))
+    upgraded = installed is not None and (installed != (version, image) or dial_differs)
+    return replace(info, upgraded=upgraded)
+
+
+#: Objects earlier versions installed and this one does not: the manager's Service, from
+#: when the tunnel listened on the pod network.
+def _obsolete_paths(namespace: str) -> list[str]:
+    return [resource_path("v1", "services", namespace=namespace, name=manifests.NAME)]
+
+
+async def _delete_obsolete(api: KubeApi, namespace: str) -> None:
+    """Best effort: what is left is harmless (nothing listens behind the old Service), so a
+    user who may not delete it is not stopped."""
+    for path in _obsolete_paths(namespace):
+        try:
+            await api.delete(path)
+        except KubeError as e:
+            log.info("leaving %s in place: %s", path, e)
 
 
 async def _dry_run(api: KubeApi, objects: list[Obj]) -> None:
@@ -169,12 +231,23 @@ async def _dry_run(api: KubeApi, objects: list[Obj]) -> None:
 
 
 async def _wait_ready(
-    api: KubeApi, *, namespace: str, image: str, version: str, timeout: float
+    api: KubeApi,
+    *,
+    namespace: str,
+    image: str,
+    version: str,
+    dial: tuple[str, str] | None = None,
+    timeout: float,
 ) -> ManagerInfo:
-    """Watches the manager's pods until one of the current template is Ready."""
+    """Watches the manager's pods until one of the current template is Ready (with the
+    dial policy ``dial`` when given, so a pod of the old policy is not taken)."""
 
     def current(pod: Obj) -> bool:
-        return _version_of(pod) == version and _image_of(pod) == image
+        return (
+            _version_of(pod) == version
+            and _image_of(pod) == image
+            and (dial is None or _dial_env_of(pod) == dial)
+        )
 
     def check(pods: dict[str, Obj]) -> Obj | None:
         mine = [p for p in pods.values() if current(p)]

@@ -10,15 +10,22 @@ only as a dry-run probe for the service range on clusters older than 1.33 (RBAC 
 restrict a verb to dry runs). Pods read: the pod subnet fallback covers observed pod IPs
 when nodes have no podCIDRs. The pod passes the "restricted" Pod Security level, which
 the namespace enforces, so a later edit that weakens it is rejected at admission.
+
+No Service: the tunnel listens on the pod's loopback and is reached only through
+`pods/portforward`, so who may use the manager is who may port-forward to its pod. The
+pod network sees only the health port, which answers `GET /readyz` and nothing else.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import yaml
 
 from telepresence import __version__
+from telepresence.manager import config
+from telepresence.manager.dialpolicy import format_networks
 
 Obj = dict[str, Any]
 
@@ -29,8 +36,8 @@ SELECTOR = "app=traffic-manager"
 #: The manager's version: on the Deployment and its pod template. An annotation, because
 #: a version such as ``1.0.0+dev`` is not a valid label value.
 VERSION_ANNOTATION = "telepresence-py/version"
-TUNNEL_PORT = 8081
-HEALTH_PORT = 8082
+TUNNEL_PORT = config.TUNNEL_PORT
+HEALTH_PORT = config.HEALTH_PORT
 #: The uid the image's USER is; "restricted" needs non-root, and a numeric uid lets the
 #: kubelet verify runAsNonRoot without reading the image.
 RUN_AS_USER = 1000
@@ -154,7 +161,34 @@ def _restricted_security_context() -> Obj:
     }
 
 
-def deployment(namespace: str, *, image: str, version: str) -> Obj:
+def _health_probe(*, period: int, failures: int) -> Obj:
+    return {
+        "httpGet": {"path": config.READY_PATH, "port": "health"},
+        "periodSeconds": period,
+        "timeoutSeconds": 2,
+        "failureThreshold": failures,
+    }
+
+
+def manager_env(*, dial_allow: Sequence[str] = (), dial_deny: Sequence[str] = ()) -> list[Obj]:
+    """The manager container's environment. The dial lists are always present, empty by
+    default, so an admin reading the YAML sees where to change them."""
+    return [
+        _field_env("POD_NAME", "metadata.name"),
+        _field_env("POD_NAMESPACE", "metadata.namespace"),
+        {"name": config.DIAL_ALLOW_ENV, "value": format_networks(dial_allow)},
+        {"name": config.DIAL_DENY_ENV, "value": format_networks(dial_deny)},
+    ]
+
+
+def deployment(
+    namespace: str,
+    *,
+    image: str,
+    version: str,
+    dial_allow: Sequence[str] = (),
+    dial_deny: Sequence[str] = (),
+) -> Obj:
     annotations = {VERSION_ANNOTATION: version}
     return {
         "apiVersion": "apps/v1",
@@ -177,21 +211,19 @@ def deployment(namespace: str, *, image: str, version: str) -> Obj:
                         {
                             "name": NAME,
                             "image": image,
+                            # Only the health port: the tunnel port listens on the pod's
+                            # loopback, for port-forwards, and is not the pod network's.
                             "ports": [
-                                {"name": "tunnel", "containerPort": TUNNEL_PORT, "protocol": "TCP"},
                                 {"name": "health", "containerPort": HEALTH_PORT, "protocol": "TCP"},
                             ],
-                            "env": [
-                                _field_env("POD_NAME", "metadata.name"),
-                                _field_env("POD_NAMESPACE", "metadata.namespace"),
-                            ],
+                            "env": manager_env(dial_allow=dial_allow, dial_deny=dial_deny),
                             "securityContext": _restricted_security_context(),
-                            "readinessProbe": {
-                                "tcpSocket": {"port": "tunnel"},
-                                "periodSeconds": 2,
-                                "failureThreshold": 3,
-                            },
-                            "resources": {"requests": {"cpu": "50m", "memory": "64Mi"}},
+                            # Ready once the tunnel listens; `connect` waits for it.
+                            "readinessProbe": _health_probe(period=2, failures=3),
+                            # Restarted only after a minute without an answer (a wedged
+                            # event loop), never for one slow moment.
+                            "livenessProbe": _health_probe(period=10, failures=6),
+                            "resources": config.resources(),
                         }
                     ],
                 },
@@ -204,23 +236,13 @@ def _field_env(name: str, path: str) -> Obj:
     return {"name": name, "valueFrom": {"fieldRef": {"fieldPath": path}}}
 
 
-def service(namespace: str) -> Obj:
-    return {
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": _meta(NAME, namespace),
-        "spec": {
-            "type": "ClusterIP",
-            "selector": dict(APP_LABEL),
-            "ports": [
-                {"name": "tunnel", "port": TUNNEL_PORT, "targetPort": "tunnel", "protocol": "TCP"}
-            ],
-        },
-    }
-
-
 def manager_objects(
-    *, namespace: str = DEFAULT_NAMESPACE, image: str | None = None, version: str = __version__
+    *,
+    namespace: str = DEFAULT_NAMESPACE,
+    image: str | None = None,
+    version: str = __version__,
+    dial_allow: Sequence[str] = (),
+    dial_deny: Sequence[str] = (),
 ) -> list[Obj]:
     """Every object, in the order to apply them: the namespace and RBAC before the pod
     that needs them."""
@@ -231,8 +253,13 @@ def manager_objects(
         cluster_role_binding(namespace),
         role(namespace),
         role_binding(namespace),
-        service(namespace),
-        deployment(namespace, image=image or default_image(version), version=version),
+        deployment(
+            namespace,
+            image=image or default_image(version),
+            version=version,
+            dial_allow=dial_allow,
+            dial_deny=dial_deny,
+        ),
     ]
 
 
@@ -242,6 +269,19 @@ def to_yaml(objects: list[Obj]) -> str:
 
 
 def manifests_yaml(
-    *, namespace: str = DEFAULT_NAMESPACE, image: str | None = None, version: str = __version__
+    *,
+    namespace: str = DEFAULT_NAMESPACE,
+    image: str | None = None,
+    version: str = __version__,
+    dial_allow: Sequence[str] = (),
+    dial_deny: Sequence[str] = (),
 ) -> str:
-    return to_yaml(manager_objects(namespace=namespace, image=image, version=version))
+    return to_yaml(
+        manager_objects(
+            namespace=namespace,
+            image=image,
+            version=version,
+            dial_allow=dial_allow,
+            dial_deny=dial_deny,
+        )
+    )

@@ -13,6 +13,7 @@ import struct
 
 import aiohttp
 
+from telepresence.k8s.api import Forbidden
 from telepresence.k8s.kubeconfig import ClusterAccess
 
 PROTOCOL = "v4.channel.k8s.io"
@@ -22,6 +23,33 @@ ERROR = 1
 
 class PortForwardError(Exception):
     """The API server or the kubelet refused or broke the forward."""
+
+
+def portforward_hint(namespace: str) -> str:
+    """How a user gets the right to use the manager: RBAC on its pod, nothing else."""
+    return (
+        f"ask a cluster admin to bind you a Role in namespace {namespace} that allows "
+        "create on pods/portforward and get, list on pods (see 'Who can use the manager' "
+        "in docs/architecture.md)"
+    )
+
+
+def handshake_error(
+    status: int, message: str, *, namespace: str, pod: str, port: int
+) -> Forbidden | PortForwardError:
+    """The one error for a refused port-forward upgrade. A 403 is RBAC: the user may not
+    port-forward to the manager's pod, which is exactly who may use the manager."""
+    if status == 403:
+        return Forbidden(
+            detail=message,
+            verb="create",
+            resource="pods/portforward",
+            namespace=namespace,
+            hint=portforward_hint(namespace),
+        )
+    return PortForwardError(
+        f"port-forward to {namespace}/{pod}:{port} refused: HTTP {status} {message}"
+    )
 
 
 class PortForward:
@@ -57,8 +85,8 @@ class PortForward:
                 compress=0,
             )
         except aiohttp.WSServerHandshakeError as e:
-            raise PortForwardError(
-                f"port-forward to {namespace}/{pod}:{port} refused: HTTP {e.status} {e.message}"
+            raise handshake_error(
+                e.status, e.message, namespace=namespace, pod=pod, port=port
             ) from e
         return cls(ws, port)
 

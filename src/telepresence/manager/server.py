@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import errno
 import logging
 import os
+import sys
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -20,6 +20,9 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 from telepresence import __version__
+from telepresence.manager.config import HEALTH_HOST, HEALTH_PORT, TUNNEL_HOST, TUNNEL_PORT
+from telepresence.manager.dialpolicy import DialPolicy, DialPolicyError
+from telepresence.manager.health import HealthServer
 from telepresence.tunnel.endpoint import Buffers, Tunnel, TunnelStream
 from telepresence.tunnel.flows import SocketFlow
 from telepresence.tunnel.frames import Dial, DialError, IPProtocol
@@ -38,11 +41,12 @@ from telepresence.tunnel.protocol import Role
 
 log = logging.getLogger("telepresence.manager")
 
-TUNNEL_PORT = 8081
-HEALTH_PORT = 8082
 DIAL_TIMEOUT = 10.0
 # A laptop sends Remain every few seconds; after this much silence its session is gone.
 SESSION_TTL = 30.0
+
+#: Starts the DIAL_RESULT message of a dial the policy refused.
+POLICY_REFUSAL = "refused by the manager's dial policy"
 
 DnsLookupFn = Callable[[str, int], Awaitable[bytes]]
 
@@ -156,6 +160,20 @@ class TunnelConnection(asyncio.Protocol):
         if self.session is None:
             stream.reject(DialError.FAILED, "no session: send Arrive or Remain first")
             return
+        verdict = self.manager.dial_policy.check(dial.address)
+        if not verdict.allowed:
+            # FAILED with the reason, not a new result code: the laptop resets the local
+            # connection on any failed dial and logs the message, and no version bump.
+            log.info(
+                "session %s: %s dial to %s:%d refused: %s",
+                self.session.id,
+                dial.protocol.name,
+                dial.address,
+                dial.port,
+                verdict.reason,
+            )
+            stream.reject(DialError.FAILED, f"{POLICY_REFUSAL}: {verdict.reason}")
+            return
         # The handler is attached now, not in the dial task: data sent right behind the
         # OPEN arrives in the same batch and must be kept until the dial completes.
         if dial.protocol is IPProtocol.TCP:
@@ -255,8 +273,16 @@ class UdpDial(asyncio.DatagramProtocol):
 
 
 class Manager:
-    def __init__(self, *, dns_lookup: DnsLookupFn, session_ttl: float = SESSION_TTL) -> None:
+    def __init__(
+        self,
+        *,
+        dns_lookup: DnsLookupFn,
+        dial_policy: DialPolicy | None = None,
+        session_ttl: float = SESSION_TTL,
+    ) -> None:
         self.dns_lookup = dns_lookup
+        # Without an explicit policy, the defaults: a manager is never an open relay.
+        self.dial_policy = dial_policy if dial_policy is not None else DialPolicy()
         self.session_ttl = session_ttl
         self.sessions: dict[str, Session] = {}
         self.cluster_info: ClusterInfo | None = None
@@ -306,28 +332,31 @@ class Manager:
             done += 1
 
 
-async def _health(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    with contextlib.suppress(ConnectionError):
-        await reader.readline()
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: close\r\n\r\nok\n")
-        await writer.drain()
-    writer.close()
-
-
-async def serve(*, tunnel_port: int, health_port: int) -> None:
+async def serve(*, tunnel_port: int, health_port: int, dial_policy: DialPolicy) -> None:
     from telepresence.manager.runtime import cluster_info_source, dns_lookup
 
-    manager = Manager(dns_lookup=dns_lookup)
+    manager = Manager(dns_lookup=dns_lookup, dial_policy=dial_policy)
     loop = asyncio.get_running_loop()
+    # Loopback only: the kubelet's port-forward dials localhost in the pod, and nothing on
+    # the pod network can reach the tunnel, so RBAC on pods/portforward decides who uses it.
     tunnel_server = await loop.create_server(
-        lambda: TunnelConnection(manager), "0.0.0.0", tunnel_port, reuse_address=True
+        lambda: TunnelConnection(manager), TUNNEL_HOST, tunnel_port, reuse_address=True
     )
-    health_server = await asyncio.start_server(_health, "0.0.0.0", health_port)
+    health = HealthServer(ready=tunnel_server.is_serving)
+    health_server = await health.start(HEALTH_HOST, health_port)
     tasks = [
         asyncio.create_task(manager.expire_sessions(), name="expire-sessions"),
         asyncio.create_task(cluster_info_source(manager.set_cluster_info), name="cluster-info"),
     ]
-    log.info("traffic manager %s listening on :%d", __version__, tunnel_port)
+    log.info(
+        "traffic manager %s: tunnel on %s:%d, health on %s:%d",
+        __version__,
+        TUNNEL_HOST,
+        tunnel_port,
+        HEALTH_HOST,
+        health_port,
+    )
+    log.info("%s", dial_policy.describe())
     try:
         async with tunnel_server, health_server:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
@@ -348,8 +377,15 @@ def main() -> None:
     )
     parser.add_argument("--debug", action="store_true")
     args = parser.parse_args()
+    try:
+        # Before anything listens: a typo in the policy must stop the pod, not weaken it.
+        dial_policy = DialPolicy.from_env(os.environ)
+    except DialPolicyError as e:
+        sys.exit(f"traffic-manager: {e}")
     logging.basicConfig(
         level=logging.DEBUG if args.debug else logging.INFO,
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
-    asyncio.run(serve(tunnel_port=args.tunnel_port, health_port=args.health_port))
+    asyncio.run(
+        serve(tunnel_port=args.tunnel_port, health_port=args.health_port, dial_policy=dial_policy)
+    )
