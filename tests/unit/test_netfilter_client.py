@@ -85,9 +85,7 @@ async def test_setup_hands_over_the_tun_descriptor(
     helper = ScriptedHelper(pair[1], answer)
     client = await connect(pair[0])
     assert client.helper_pid == 4242
-    result = await client.setup(
-        subnets=["10.96.0.0/16"], dns_redirect_port=1053, proxy_port=1234, mark=7
-    )
+    result = await client.setup(subnets=["10.96.0.0/16"], dns_redirect_port=1053, proxy_port=1234)
     assert result.tun_name == "tel0" and [str(n) for n in result.routed] == ["10.96.0.0/16"]
     os.write(write_end, b"packet")
     assert os.read(result.tun_fd, 6) == b"packet"  # a copy of the helper's descriptor

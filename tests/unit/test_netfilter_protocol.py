@@ -23,13 +23,7 @@ from telepresence.netfilter.protocol import (
     encode,
 )
 
-SETUP = Setup(
-    subnets=["10.96.0.0/16"],
-    dns_nameservers=["198.51.100.53"],
-    dns_redirect_port=1053,
-    proxy_port=1234,
-    mark=0x7E1E,
-)
+SETUP = Setup(subnets=["10.96.0.0/16"], dns_redirect_port=1053, proxy_port=1234)
 MESSAGES: list[protocol.Message] = [
     SETUP,
     Status(),
@@ -56,13 +50,16 @@ def test_round_trip_of_every_message_kind() -> None:
     assert not decoder.pending
 
 
-def test_setup_defaults_are_the_documented_ones() -> None:
-    assert (SETUP.tun_name, SETUP.tun_address, SETUP.nft_table) == (
-        "tel0",
-        "198.18.255.254",
-        "telepresence",
-    )
-    assert not SETUP.allow_conflicting
+def test_setup_carries_nothing_the_helper_chooses() -> None:
+    fields = set(Setup.__struct_fields__)
+    assert fields == {
+        "subnets",
+        "never_proxy",
+        "api_server_ips",
+        "allow_conflicting_subnets",
+        "dns_redirect_port",
+        "proxy_port",
+    }
 
 
 @given(st.lists(st.integers(min_value=1, max_value=50), min_size=1))
@@ -115,8 +112,46 @@ def test_malformed_and_oversized_frames_are_rejected() -> None:
         decoder.next()
     decoder = FrameDecoder()
     decoder.feed((protocol.MAX_FRAME + 1).to_bytes(4, "big") + b"\x00")
-    with pytest.raises(ProtocolError, match="invalid frame header"):
+    with pytest.raises(ProtocolError, match="refused: the limit is"):
         decoder.next()
+
+
+def frame(body: bytes) -> bytes:
+    return len(body).to_bytes(4, "big") + b"\x00" + body
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({"type": "Status", "extra": 1}, "unknown field `extra`"),
+        ({"type": "UpstreamSocket", "kind": "raw"}, "Invalid enum value 'raw'"),
+        ({"type": "UpstreamSocket", "kind": "udp", "family": 17}, "Invalid enum value 17"),
+        ({"type": "UpstreamSocket", "kind": "udp", "mark": 0xCA6C}, "unknown field `mark`"),
+        ({"type": "Setup", "subnets": "10.0.0.0/8", "dns_redirect_port": 1, "proxy_port": 2},
+         "Expected `array`, got `str`"),
+        ({"type": "Setup", "subnets": [], "dns_redirect_port": 1, "proxy_port": 2,
+          "dns_nameservers": ["192.0.2.1"]}, "unknown field `dns_nameservers`"),
+        ({"type": "Hello", "version": 2, "pid": 1}, "Invalid value 'Hello'"),
+        ({"type": "FormatDisk"}, "Invalid value 'FormatDisk'"),
+    ],
+)  # fmt: skip
+def test_the_helper_decodes_requests_strictly(body: dict[str, object], message: str) -> None:
+    import msgspec
+
+    decoder = FrameDecoder.for_requests()
+    decoder.feed(frame(msgspec.msgpack.encode(body)) + encode(Status()))
+    with pytest.raises(protocol.MalformedMessage, match=message):
+        decoder.next()
+    assert decoder.next() == (Status(), [])  # still in step: the bad frame was consumed
+
+
+def test_the_helper_refuses_requests_over_64_kib() -> None:
+    decoder = FrameDecoder.for_requests()
+    decoder.feed((protocol.MAX_REQUEST + 1).to_bytes(4, "big") + b"\x00")
+    with pytest.raises(ProtocolError, match="65537 bytes refused: the limit is 65536"):
+        decoder.next()
+    with pytest.raises(ValueError, match="65536-byte limit"):
+        encode(Setup(subnets=["10.0.0.0/8"] * 7000, dns_redirect_port=1, proxy_port=2))
 
 
 def test_unknown_request_type_is_rejected() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ipaddress import IPv4Address, IPv4Network, ip_network
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -67,3 +68,44 @@ def test_valid_tun_names(name: str) -> None:
 def test_invalid_tun_names(name: str) -> None:
     with pytest.raises(ValueError, match="invalid TUN device name"):
         validate_tun_name(name)
+
+
+def test_default_gateways_in_every_table_and_of_the_vpn_pair() -> None:
+    from telepresence.netfilter.routes import parse_gateways
+
+    routes = [
+        {"dst": "default", "gateway": "192.168.1.1", "dev": "wlan0"},
+        {"dst": "default", "gateway": "10.0.0.1", "dev": "eth0", "table": "100"},
+        {"dst": "0.0.0.0/1", "gateway": "10.8.0.1", "dev": "tun0"},
+        {"dst": "default", "nexthops": [{"gateway": "172.16.0.1"}, {"gateway": "fe80::1"}]},
+        {"dst": "192.168.1.0/24", "dev": "wlan0"},
+    ]
+    assert parse_gateways(routes) == [
+        IPv4Address(a) for a in ("192.168.1.1", "10.0.0.1", "10.8.0.1", "172.16.0.1")
+    ]
+
+
+def test_rule_marks() -> None:
+    from telepresence.netfilter.routes import parse_rule_marks
+
+    rules = [
+        {"priority": 0, "src": "all", "table": "local"},
+        {"priority": 32764, "not": None, "fwmark": "0xca6c", "table": "51820"},
+        {"priority": 5270, "fwmark": "0x80000", "fwmask": "0xff0000", "table": "52"},
+    ]
+    assert parse_rule_marks(rules) == [(0xCA6C, 0xFFFFFFFF), (0x80000, 0xFF0000)]
+
+
+def test_ip_is_found_by_absolute_path_only(tmp_path: Path) -> None:
+    import os
+
+    from telepresence.netfilter.routes import IP_CANDIDATES, IpError, find_ip
+
+    assert IP_CANDIDATES == ("/usr/sbin/ip", "/sbin/ip")
+    fake = tmp_path / "ip"
+    fake.write_text("#!/bin/sh\n")
+    fake.chmod(0o777)
+    with pytest.raises(IpError, match="install it"):
+        find_ip([str(tmp_path / "missing"), str(fake)])  # not root's, or world-writable
+    if os.path.exists("/usr/sbin/ip") or os.path.exists("/sbin/ip"):
+        assert find_ip() in IP_CANDIDATES

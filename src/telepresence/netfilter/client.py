@@ -13,11 +13,9 @@ Closing the client (or the daemon dying) makes the helper undo everything.
 
 from __future__ import annotations
 
-import array
 import asyncio
 import contextlib
 import logging
-import os
 import socket
 import struct
 from collections import deque
@@ -28,7 +26,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Literal, TypeVar
 
-from telepresence.netfilter import protocol
+from telepresence.netfilter import fdpass, protocol
 from telepresence.netfilter.protocol import (
     AddHostRoutes,
     Error,
@@ -81,11 +79,15 @@ class HelperGone(HelperError):
 @dataclass(frozen=True)
 class SetupResult:
     """``tun_fd`` belongs to the caller (close it when done); ``routed`` is what
-    is routed after never-proxy, API server and loopback holes."""
+    is routed after the never-proxy holes; ``nameservers`` are the addresses whose
+    DNS the helper redirects (its choice, from /etc/resolv.conf); ``mark`` is the
+    mark on upstream sockets."""
 
     tun_fd: int
     tun_name: str
     routed: list[IPv4Network]
+    nameservers: list[IPv4Address]
+    mark: int
 
 
 @dataclass(frozen=True)
@@ -248,37 +250,32 @@ class HelperClient:
         subnets: Iterable[IPNetwork | str],
         dns_redirect_port: int,
         proxy_port: int,
-        mark: int,
-        dns_nameservers: Iterable[IPAddress | str] = (),
         never_proxy: Iterable[IPNetwork | str] = (),
         api_server_ips: Iterable[IPAddress | str] = (),
-        tun_name: str = "tel0",
-        tun_address: IPv4Address | str = "198.18.255.254",
-        allow_conflicting: bool = False,
         allow_conflicting_subnets: Iterable[IPNetwork | str] = (),
-        nft_table: str = "telepresence",
     ) -> SetupResult:
         """Creates the TUN, its routes and the nftables redirects; see :class:`.protocol.Setup`.
 
-        All or nothing: on :class:`HelperError` nothing is left behind.
+        ``subnets`` must already leave out the API server's addresses (the helper
+        refuses a subnet that covers one); ``allow_conflicting_subnets`` are the
+        user's, as given.  All or nothing: on :class:`HelperError` nothing is
+        left behind.
         """
         request = Setup(
-            tun_name=tun_name,
-            tun_address=str(tun_address),
             subnets=_strs(subnets),
             never_proxy=_strs(never_proxy),
             api_server_ips=_strs(api_server_ips),
-            dns_nameservers=_strs(dns_nameservers),
+            allow_conflicting_subnets=_strs(allow_conflicting_subnets),
             dns_redirect_port=dns_redirect_port,
             proxy_port=proxy_port,
-            mark=mark,
-            allow_conflicting=allow_conflicting,
-            allow_conflicting_subnets=_strs(allow_conflicting_subnets),
-            nft_table=nft_table,
         )
         done, fds = await self._request(request, SetupDone, fds=1)
         return SetupResult(
-            tun_fd=fds[0], tun_name=done.tun_name, routed=[IPv4Network(n) for n in done.routed]
+            tun_fd=fds[0],
+            tun_name=done.tun_name,
+            routed=[IPv4Network(n) for n in done.routed],
+            nameservers=[IPv4Address(n) for n in done.nameservers],
+            mark=done.mark,
         )
 
     async def update_subnets(self, subnets: Iterable[IPNetwork | str]) -> list[IPv4Network]:
@@ -299,13 +296,16 @@ class HelperClient:
         done, _ = await self._request(RemoveHostRoutes(ips=_strs(ips)), HostRoutesDone)
         return [IPv4Address(h) for h in done.hosts]
 
-    async def upstream_socket(self, kind: Literal["udp", "tcp"]) -> socket.socket:
-        """A new, unbound, blocking IPv4 socket carrying the Setup mark.
+    async def upstream_socket(
+        self, kind: Literal["udp", "tcp"], *, family: Literal[4, 6] = 4
+    ) -> socket.socket:
+        """A new, unbound, blocking socket carrying the helper's mark.
 
         Queries sent through it to the laptop's nameserver are not redirected
         to the daemon's DNS server.  The caller owns it.
         """
-        _, fds = await self._request(UpstreamSocket(kind=kind), SocketReady, fds=1)
+        request = UpstreamSocket(kind=kind, family=family)
+        _, fds = await self._request(request, SocketReady, fds=1)
         return socket.socket(fileno=fds[0])
 
     async def status(self) -> StatusReply:
@@ -396,7 +396,11 @@ class HelperClient:
                 raise HelperGone("the connection to the network helper is closed")
             loop = asyncio.get_running_loop()
             try:
-                await loop.sock_sendall(self._sock, protocol.encode(request))
+                frame = protocol.encode(request)
+            except ValueError as e:
+                raise HelperError(f"request not sent: {e}") from None
+            try:
+                await loop.sock_sendall(self._sock, frame)
             except OSError as e:
                 raise HelperGone(f"the network helper is gone ({e})") from None
             return await self._receive()
@@ -428,16 +432,13 @@ class HelperClient:
         loop = asyncio.get_running_loop()
         while True:
             try:
-                data, ancillary, flags, _ = self._sock.recvmsg(
-                    65536, socket.CMSG_SPACE(protocol.MAX_FDS * 4), socket.MSG_CMSG_CLOEXEC
-                )
+                data, fds, truncated = fdpass.recv_with_fds(self._sock, max_fds=protocol.MAX_FDS)
             except BlockingIOError:
                 await _readable(loop, self._sock)
                 continue
             except OSError as e:
                 raise HelperGone(f"the network helper is gone ({e})") from None
-            fds = _fds_from(ancillary)
-            if flags & socket.MSG_CTRUNC:
+            if truncated:
                 _close_fds(fds)
                 raise HelperError("too many descriptors from the network helper")
             return data, fds
@@ -458,20 +459,7 @@ async def _readable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> Non
         loop.remove_reader(fd)
 
 
-def _fds_from(ancillary: list[tuple[int, int, bytes]]) -> list[int]:
-    fds: list[int] = []
-    for level, kind, payload in ancillary:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            arr = array.array("i")
-            arr.frombytes(payload[: len(payload) - len(payload) % arr.itemsize])
-            fds.extend(arr)
-    return fds
-
-
-def _close_fds(fds: Iterable[int]) -> None:
-    for fd in fds:
-        with contextlib.suppress(OSError):
-            os.close(fd)
+_close_fds = fdpass.close_fds
 
 
 def _close_orphaned_fds(task: asyncio.Task[tuple[Response, list[int]]]) -> None:

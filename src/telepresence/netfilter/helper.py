@@ -10,15 +10,16 @@ everything (DNS redirect first) and exits.  ``--cleanup`` undoes what the
 journals of dead helpers recorded; ``telepresence quit`` runs it.
 
 Like sshuttle's firewall helper, it is small, synchronous and single
-threaded: one request at a time, each either applied fully or rolled back,
-each change written to the journal before it is made.
+threaded: one request at a time, each either applied fully or rolled back.
+This module is the entry point and the connection; what a request may do is
+:mod:`.policy`, applying it :mod:`.state`.  It imports nothing of the daemon,
+Kubernetes, aiohttp or dnspython (a unit test checks): root runs only this.
+See docs/security.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import array
-import contextlib
 import logging
 import logging.handlers
 import os
@@ -27,533 +28,28 @@ import signal
 import socket
 import struct
 import sys
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv4Network, ip_address
+from collections.abc import Sequence
 from pathlib import Path
 
-from telepresence.netfilter import nftables, protocol, routes, tun
+from telepresence.netfilter import fdpass, protocol
 from telepresence.netfilter.journal import (
     DEFAULT_DIR,
-    Entry,
     Journal,
-    LinkEntry,
-    NftTableEntry,
-    RouteEntry,
     SweepReport,
     current_identity,
     sweep,
 )
-from telepresence.netfilter.nftables import Nft, NftError, TableConfig
-from telepresence.netfilter.protocol import (
-    AddHostRoutes,
-    Error,
-    HostRoutesDone,
-    Ok,
-    RemoveHostRoutes,
-    Request,
-    Response,
-    Setup,
-    SetupDone,
-    SocketReady,
-    Status,
-    StatusReply,
-    SubnetsDone,
-    Teardown,
-    UpdateSubnets,
-    UpstreamSocket,
-)
-from telepresence.netfilter.subnets import (
-    IPAddress,
-    IPNetwork,
-    find_conflicts,
-    parse_cidr_list,
-    routed_subnets,
-)
+from telepresence.netfilter.nftables import Nft
+from telepresence.netfilter.protocol import Error, Ok, Request, Response, Teardown
+from telepresence.netfilter.state import LOG_FILE, NetworkState, undo_entry
 
-__all__ = ["Plan", "Session", "SetupError", "main", "plan_setup"]
+__all__ = ["PeerError", "cleanup", "main", "run", "serve"]
 
 log = logging.getLogger("telepresence.netfilter.helper")
 
-LOG_FILE = Path("/var/log/telepresence/helper.log")
-_SO_MARK = getattr(socket, "SO_MARK", 36)
 _UCRED = struct.Struct("3i")
 #: Python's default SIGPIPE is already ignored; these end the session cleanly.
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-
-
-class SetupError(Exception):
-    """A request cannot be applied as asked; the message says what to change."""
-
-
-# --- validating requests (pure) ----------------------------------------------
-
-
-def _ipv4_networks(items: Sequence[str], *, what: str) -> list[IPv4Network]:
-    nets: list[IPv4Network] = []
-    for net in parse_cidr_list(",".join(items)):
-        if not isinstance(net, IPv4Network):
-            raise SetupError(
-                f"{what} {net} is IPv6, which the network helper does not route yet; leave it out"
-            )
-        nets.append(net)
-    return nets
-
-
-def _ipv4_addresses(items: Iterable[str], *, what: str) -> list[IPv4Address]:
-    result: list[IPv4Address] = []
-    for item in items:
-        try:
-            addr = ip_address(item)
-        except ValueError:
-            raise SetupError(f"invalid {what} {item!r}: expected an IPv4 address") from None
-        if not isinstance(addr, IPv4Address):
-            raise SetupError(f"{what} {addr} is IPv6, which the network helper does not handle yet")
-        result.append(addr)
-    return result
-
-
-def _addresses(items: Iterable[str]) -> list[IPAddress]:
-    try:
-        return [ip_address(item) for item in items]
-    except ValueError as e:
-        raise SetupError(f"invalid host address: {e}") from None
-
-
-def _port(value: int, *, what: str) -> int:
-    if not 1 <= value <= 65535:
-        raise SetupError(f"invalid {what} {value}: expected 1..65535")
-    return value
-
-
-@dataclass(frozen=True, kw_only=True)
-class Plan:
-    """A validated Setup: everything needed to apply it and later requests."""
-
-    tun_name: str
-    tun_address: IPv4Address
-    requested: list[IPv4Network]
-    never_proxy: list[IPNetwork]
-    api_server_ips: list[IPv4Address]
-    allow_conflicting: bool
-    allowed_conflicts: list[IPNetwork]
-    table: TableConfig
-
-    def routed(self, subnets: Iterable[IPv4Network]) -> list[IPv4Network]:
-        """``subnets`` minus never-proxy, the API server and loopback: never
-        route the tunnel's own transport into the tunnel."""
-        nets = routed_subnets(
-            service_cidrs=subnets,
-            pod_cidrs=(),
-            never_proxy=self.never_proxy,
-            api_server_ips=self.api_server_ips,
-        )
-        return [n for n in nets if isinstance(n, IPv4Network)]
-
-    def check_conflicts(
-        self, nets: Iterable[IPv4Network], existing: Iterable[tuple[IPNetwork, str]]
-    ) -> None:
-        """Raises :class:`SetupError` naming the first overlap of ``nets`` with the
-        laptop's routes (and its fixes), unless conflicts are allowed."""
-        if self.allow_conflicting:
-            return
-        conflicts = [
-            c
-            for c in find_conflicts(nets, existing, own_device=self.tun_name)
-            if not _within(c.overlap, self.allowed_conflicts)
-        ]
-        if conflicts:
-            more = f" (and {len(conflicts) - 1} more)" if len(conflicts) > 1 else ""
-            raise SetupError(conflicts[0].message + more)
-
-
-def _within(net: IPNetwork, nets: Iterable[IPNetwork]) -> bool:
-    return any(
-        net.subnet_of(other)  # type: ignore[arg-type]  # same version checked first
-        for other in nets
-        if other.version == net.version
-    )
-
-
-def plan_setup(request: Setup) -> Plan:
-    """Validates a Setup without touching the system; SetupError says what is wrong."""
-    try:
-        tun_name = tun.validate_tun_name(request.tun_name)
-        table = nftables.validate_table_name(request.nft_table)
-        never_proxy = parse_cidr_list(",".join(request.never_proxy))
-        allowed = parse_cidr_list(",".join(request.allow_conflicting_subnets))
-        requested = _ipv4_networks(request.subnets, what="subnet")
-    except ValueError as e:
-        raise SetupError(str(e)) from None
-    (tun_address,) = _ipv4_addresses([request.tun_address], what="TUN address")
-    if tun_address.is_loopback or tun_address.is_multicast or tun_address.is_unspecified:
-        raise SetupError(f"invalid TUN address {tun_address}: use a unicast address such as ours")
-    if not 0 < request.mark < 2**32:
-        raise SetupError(f"invalid mark {request.mark}: expected 1..{2**32 - 1}")
-    config = TableConfig(
-        name=table,
-        mark=request.mark,
-        proxy_port=_port(request.proxy_port, what="proxy port"),
-        dns_port=_port(request.dns_redirect_port, what="DNS redirect port"),
-        dns_servers=_ipv4_addresses(request.dns_nameservers, what="DNS nameserver"),
-        routed=(),
-    )
-    return Plan(
-        tun_name=tun_name,
-        tun_address=tun_address,
-        requested=requested,
-        never_proxy=never_proxy,
-        api_server_ips=_ipv4_addresses(request.api_server_ips, what="API server address"),
-        allow_conflicting=request.allow_conflicting,
-        allowed_conflicts=allowed,
-        table=config,
-    )
-
-
-# --- the applied state ---------------------------------------------------------
-
-
-@dataclass
-class _Applied:
-    """What exists now, so teardown knows what to undo without asking the kernel."""
-
-    plan: Plan
-    tun: tun.Tun | None = None
-    link: LinkEntry | None = None
-    table: NftTableEntry | None = None
-    subnets: list[IPv4Network] = field(default_factory=list)
-    hosts: set[IPv4Address] = field(default_factory=set)
-    routes: dict[IPv4Network, RouteEntry] = field(default_factory=dict)
-
-    def desired_routes(self) -> set[IPv4Network]:
-        return set(self.subnets) | {IPv4Network(h) for h in self.hosts}
-
-
-class Session:
-    """Applies requests, one at a time; every change is journaled first and
-    undone by :meth:`teardown`, each undo in its own try."""
-
-    def __init__(self, *, nft: Nft, journal: Journal) -> None:
-        self._nft = nft
-        self._journal = journal
-        self._applied: _Applied | None = None
-
-    def handle(self, request: Request) -> tuple[Response, list[int]]:
-        """The response and descriptors to send; the caller closes the descriptors after."""
-        try:
-            return self._dispatch(request)
-        except (SetupError, ValueError, NftError, routes.IpError, tun.TunError) as e:
-            log.warning("%s failed: %s", type(request).__name__, e)
-            return Error(message=str(e)), []
-        except OSError as e:
-            log.warning("%s failed: %s", type(request).__name__, e)
-            return Error(message=f"{type(request).__name__} failed: {e}"), []
-        except Exception as e:
-            log.exception("%s failed", type(request).__name__)
-            return Error(message=f"internal error in the network helper ({e}); see {LOG_FILE}"), []
-
-    def _dispatch(self, request: Request) -> tuple[Response, list[int]]:
-        if isinstance(request, Setup):
-            return self._setup(request)
-        if isinstance(request, Status):
-            return self._status(), []
-        if isinstance(request, Teardown):
-            failures = self.teardown()
-            if failures:
-                raise SetupError("teardown incomplete: " + "; ".join(failures))
-            return Ok(), []
-        applied = self._applied
-        if applied is None:
-            raise SetupError(f"{type(request).__name__} before Setup: send Setup first")
-        if isinstance(request, UpdateSubnets):
-            nets = applied.plan.routed(_ipv4_networks(request.subnets, what="subnet"))
-            new = set(nets) - set(applied.subnets)
-            applied.plan.check_conflicts(sorted(new), routes.laptop_routes())
-            self._reconcile(applied, subnets=nets, hosts=applied.hosts)
-            return SubnetsDone(routed=[str(n) for n in applied.subnets]), []
-        if isinstance(request, AddHostRoutes):
-            return self._add_hosts(applied, _addresses(request.ips)), []
-        if isinstance(request, RemoveHostRoutes):
-            gone = set(_addresses(request.ips))
-            self._reconcile(applied, subnets=applied.subnets, hosts=applied.hosts - gone)
-            return HostRoutesDone(hosts=[str(h) for h in sorted(applied.hosts)]), []
-        if isinstance(request, UpstreamSocket):
-            return SocketReady(kind=request.kind), [self._upstream_socket(applied, request.kind)]
-        raise SetupError(f"unknown request {type(request).__name__}")
-
-    # Setup ---------------------------------------------------------------
-
-    def _setup(self, request: Setup) -> tuple[Response, list[int]]:
-        if self._applied is not None:
-            raise SetupError("already set up: send Teardown first, or UpdateSubnets")
-        plan = plan_setup(request)
-        existing = routes.get_link(plan.tun_name)
-        if existing is not None and existing.kind == "tun":
-            raise SetupError(
-                f"TUN device {plan.tun_name} already exists: another telepresence session is "
-                "connected, or one left it behind (run `telepresence quit`)"
-            )
-        if existing is not None:
-            raise SetupError(
-                f"cannot name the TUN device {plan.tun_name}: the laptop has a "
-                f"{existing.kind or 'network'} device of that name; choose another TUN name"
-            )
-        subnets = plan.routed(plan.requested)
-        plan.check_conflicts(subnets, routes.laptop_routes())
-        applied = _Applied(plan=plan)
-        self._applied = applied
-        try:
-            self._create_tun(applied)
-            self._add_routes(applied, sorted(set(subnets)))
-            applied.subnets = subnets
-            self._create_table(applied)
-        except BaseException:
-            failures = self.teardown()
-            if failures:
-                log.error("rollback of the failed Setup incomplete: %s", "; ".join(failures))
-            raise
-        assert applied.tun is not None
-        log.info(
-            "set up %s %s, routes %s, table %s",
-            plan.tun_name,
-            plan.tun_address,
-            ", ".join(map(str, subnets)) or "none",
-            plan.table.name,
-        )
-        done = SetupDone(tun_name=plan.tun_name, routed=[str(n) for n in subnets])
-        return done, [os.dup(applied.tun.fd)]
-
-    def _create_tun(self, applied: _Applied) -> None:
-        plan = applied.plan
-        applied.tun = tun.open_tun(plan.tun_name)
-        link = routes.get_link(applied.tun.name)
-        if link is None:
-            raise tun.TunError(f"TUN device {applied.tun.name} vanished right after creation")
-        applied.link = LinkEntry(name=link.name, ifindex=link.ifindex)
-        self._journal.record(applied.link)
-        routes.configure_tun(device=link.name, address=plan.tun_address)
-
-    def _create_table(self, applied: _Applied) -> None:
-        plan = applied.plan
-        config = TableConfig(
-            name=plan.table.name,
-            mark=plan.table.mark,
-            proxy_port=plan.table.proxy_port,
-            dns_port=plan.table.dns_port,
-            dns_servers=plan.table.dns_servers,
-            routed=applied.subnets,
-        )
-        entry = NftTableEntry(name=config.name)
-        self._journal.record(entry)
-        try:
-            self._nft.run(nftables.render_create(config))
-        except NftError:
-            # One transaction: nothing was created, and a table that exists is not ours.
-            self._journal.forget(entry)
-            if self._nft.table_exists(config.name):
-                raise SetupError(
-                    f"nftables table ip {config.name} already exists: another telepresence "
-                    "session is connected, or one left it behind (run `telepresence quit`)"
-                ) from None
-            raise
-        applied.table = entry
-
-    # Routes and sets -----------------------------------------------------------
-
-    def _add_routes(self, applied: _Applied, nets: Sequence[IPv4Network]) -> None:
-        """Journal, then add; on failure remove what this call added, then raise."""
-        assert applied.link is not None
-        new = [n for n in nets if n not in applied.routes]
-        if not new:
-            return
-        link = applied.link
-        entries = {
-            n: RouteEntry(network=str(n), device=link.name, ifindex=link.ifindex) for n in new
-        }
-        self._journal.record(*entries.values())
-        applied.routes.update(entries)
-        try:
-            routes.add_routes(device=link.name, networks=new, source=applied.plan.tun_address)
-        except routes.IpError:
-            self._undo_routes(applied, new)
-            raise
-
-    def _undo_routes(self, applied: _Applied, nets: Sequence[IPv4Network]) -> None:
-        """Rollback on an error path: log its own failure, never mask the first one."""
-        try:
-            self._delete_routes(applied, nets)
-        except Exception as e:
-            log.error("could not roll back routes %s: %s", ", ".join(map(str, nets)), e)
-
-    def _delete_routes(self, applied: _Applied, nets: Sequence[IPv4Network]) -> None:
-        assert applied.link is not None
-        routes.delete_routes(device=applied.link.name, ifindex=applied.link.ifindex, networks=nets)
-        self._journal.forget(*(applied.routes.pop(n) for n in nets if n in applied.routes))
-
-    def _reconcile(
-        self, applied: _Applied, *, subnets: list[IPv4Network], hosts: set[IPv4Address]
-    ) -> None:
-        """Moves routes and sets to ``subnets`` + ``hosts``, touching only the difference.
-
-        New routes first, then one nft transaction for both sets, then the
-        removal of old routes: at no point is an address in a set but not
-        routed, and a failure before the nft step leaves the old state.
-        """
-        plan = applied.plan
-        before = applied.desired_routes()
-        after = set(subnets) | {IPv4Network(h) for h in hosts}
-        added = sorted(after - before)
-        self._add_routes(applied, added)
-        commands = nftables.render_set_update(
-            table=plan.table.name,
-            set_name=nftables.ROUTED_SET,
-            add=sorted(set(subnets) - set(applied.subnets)),
-            remove=sorted(set(applied.subnets) - set(subnets)),
-        ) + nftables.render_set_update(
-            table=plan.table.name,
-            set_name=nftables.HOSTS_SET,
-            add=sorted(hosts - applied.hosts),
-            remove=sorted(applied.hosts - hosts),
-        )
-        if commands:
-            try:
-                self._nft.run(commands)
-            except NftError:
-                self._undo_routes(applied, added)
-                raise
-        applied.subnets = list(subnets)
-        applied.hosts = set(hosts)
-        self._delete_routes(applied, sorted(before - after))
-        log.info(
-            "routes now %s; hosts %s",
-            ", ".join(map(str, applied.subnets)) or "none",
-            ", ".join(map(str, sorted(applied.hosts))) or "none",
-        )
-
-    def _add_hosts(self, applied: _Applied, ips: list[IPAddress]) -> HostRoutesDone:
-        """Routes each address that may be routed; the rest are skipped with a reason
-        (a DNS answer must never break the session or hijack the laptop's network)."""
-        plan = applied.plan
-        skipped: list[str] = []
-        allowed: list[IPv4Address] = []
-        existing = routes.laptop_routes()
-        for ip in dict.fromkeys(ips):
-            if not isinstance(ip, IPv4Address):
-                skipped.append(f"{ip}: IPv6 is not routed by the network helper yet")
-                continue
-            if not plan.routed([IPv4Network(ip)]):
-                skipped.append(f"{ip}: never proxied (API server, --never-proxy or loopback)")
-                continue
-            try:
-                plan.check_conflicts([IPv4Network(ip)], existing)
-            except SetupError as e:
-                skipped.append(f"{ip}: {e}")
-                continue
-            allowed.append(ip)
-        self._reconcile(applied, subnets=applied.subnets, hosts=applied.hosts | set(allowed))
-        for reason in skipped:
-            log.info("host route skipped: %s", reason)
-        return HostRoutesDone(hosts=[str(h) for h in sorted(applied.hosts)], skipped=skipped)
-
-    # Sockets and status ------------------------------------------------------
-
-    def _upstream_socket(self, applied: _Applied, kind: str) -> int:
-        """SO_MARK needs CAP_NET_ADMIN, which the daemon lacks: the helper makes the
-        socket and hands it over; the mark exempts it from the DNS redirect."""
-        kind_type = socket.SOCK_DGRAM if kind == "udp" else socket.SOCK_STREAM
-        sock = socket.socket(socket.AF_INET, kind_type)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, _SO_MARK, applied.plan.table.mark)
-            return sock.detach()
-        finally:
-            sock.close()
-
-    def _status(self) -> StatusReply:
-        applied = self._applied
-        if applied is None:
-            return StatusReply(configured=False, helper_pid=os.getpid())
-        plan = applied.plan
-        link = routes.get_link(plan.tun_name)
-        present = (
-            link is not None and applied.link is not None and link.ifindex == applied.link.ifindex
-        )
-        return StatusReply(
-            configured=True,
-            helper_pid=os.getpid(),
-            tun_name=plan.tun_name,
-            tun_address=str(plan.tun_address),
-            tun_present=present,
-            routes=[str(n) for n in routes.routes_on(plan.tun_name)] if present else [],
-            hosts=[str(h) for h in sorted(applied.hosts)],
-            nft_table=plan.table.name,
-            nft_table_present=self._nft.table_exists(plan.table.name),
-            dns_redirects=nftables.render_dns_redirects(plan.table),
-            proxy_port=plan.table.proxy_port,
-            mark=plan.table.mark,
-        )
-
-    # Teardown --------------------------------------------------------------------
-
-    def teardown(self) -> list[str]:
-        """Undoes everything, DNS redirect first; returns what could not be undone.
-
-        Deleting the table removes the DNS redirect and the proxy redirect in
-        one atomic step, so the laptop resolves through its own nameserver
-        again before anything slower happens.  Idempotent.
-        """
-        applied, self._applied = self._applied, None
-        if applied is None:
-            return []
-        failures: list[str] = []
-        if applied.table is not None:
-            try:
-                _delete_table(self._nft, applied.table)
-                self._journal.forget(applied.table)
-            except Exception as e:
-                failures.append(f"nftables table {applied.table.name}: {e}")
-        if applied.link is not None:
-            try:
-                self._delete_routes(applied, sorted(applied.routes))
-            except Exception as e:
-                failures.append(f"routes on {applied.link.name}: {e}")
-            try:
-                routes.delete_link(name=applied.link.name, ifindex=applied.link.ifindex)
-                self._journal.forget(applied.link, *applied.routes.values())
-            except Exception as e:
-                failures.append(f"link {applied.link.name}: {e}")
-        if applied.tun is not None:
-            with contextlib.suppress(OSError):
-                os.close(applied.tun.fd)
-        if failures:
-            log.error("teardown incomplete: %s", "; ".join(failures))
-        else:
-            log.info("teardown complete")
-        return failures
-
-
-def _delete_table(nft: Nft, entry: NftTableEntry) -> bool:
-    """True if deleted; gone already is fine, and a table owned by another live
-    process (the kernel refuses us) is not ours."""
-    try:
-        nft.run(nftables.render_delete(entry.name))
-    except NftError as e:
-        if "No such file or directory" in str(e):
-            return False
-        if "Operation not permitted" in str(e):
-            log.info("table %s belongs to another live process: left alone", entry.name)
-            return False
-        raise
-    return True
-
-
-def _undo(nft: Nft, entry: Entry) -> bool:
-    """Undoes one journal entry of a dead helper; False if it was gone already."""
-    if isinstance(entry, NftTableEntry):
-        return _delete_table(nft, entry)
-    if isinstance(entry, RouteEntry):
-        network = IPv4Network(entry.network)
-        return routes.delete_routes(device=entry.device, ifindex=entry.ifindex, networks=[network])
-    return routes.delete_link(name=entry.name, ifindex=entry.ifindex)
 
 
 # --- the connection ----------------------------------------------------------
@@ -589,37 +85,34 @@ def _connect(path: str) -> socket.socket:
 
 
 def _send(conn: socket.socket, response: Response, fds: Sequence[int]) -> None:
-    frame = protocol.encode(response, fds=len(fds))
-    if fds:
-        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
-        sent = conn.sendmsg([frame], ancillary)
-        if sent < len(frame):
-            conn.sendall(frame[sent:])
-    else:
-        conn.sendall(frame)
+    fdpass.send_with_fds(conn, protocol.encode(response, fds=len(fds)), fds)
 
 
 def _receive(conn: socket.socket) -> bytes:
     """Bytes from the daemon; stray descriptors (requests carry none) are closed."""
-    data, ancillary, _flags, _addr = conn.recvmsg(
-        65536, socket.CMSG_SPACE(protocol.MAX_FDS * 4), socket.MSG_CMSG_CLOEXEC
-    )
-    for level, kind, payload in ancillary:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            fds = array.array("i")
-            fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
-            for fd in fds:
-                os.close(fd)
+    data, fds, _truncated = fdpass.recv_with_fds(conn, max_fds=protocol.MAX_FDS)
+    fdpass.close_fds(fds)
     return data
 
 
-def serve(conn: socket.socket, session: Session, *, wakeup: socket.socket) -> int:
+def _refuse(conn: socket.socket, reason: str) -> None:
+    """An :class:`Error` for a message that was never a valid request."""
+    reason = " ".join(reason.split())
+    log.warning("refused a malformed request: %s", reason)
+    _send(conn, Error(message=reason), [])
+
+
+def serve(conn: socket.socket, state: NetworkState, *, wakeup: socket.socket) -> int:
     """Answers requests until Teardown, the connection closes, or a stop signal.
 
-    Returns the exit status: 0 when everything was undone, 1 otherwise
-    (the journal then keeps what is left for ``--cleanup``).
+    A malformed message (garbage, an unknown type or field, a wrong type) is
+    answered with an Error and changes nothing; a frame that cannot be
+    delimited (too large, a bad header) is answered with an Error too, and
+    then the connection ends, since what follows cannot be trusted to be a
+    frame.  Returns the exit status: 0 when everything was undone, 1
+    otherwise (the journal then keeps what is left for ``--cleanup``).
     """
-    decoder = protocol.FrameDecoder()
+    decoder = protocol.FrameDecoder.for_requests()
     selector = selectors.DefaultSelector()
     selector.register(conn, selectors.EVENT_READ)
     selector.register(wakeup, selectors.EVENT_READ)
@@ -636,12 +129,23 @@ def serve(conn: socket.socket, session: Session, *, wakeup: socket.socket) -> in
                 log.info("daemon closed the connection: tearing down")
                 break
             decoder.feed(data)
-            while (item := decoder.next()) is not None:
+            while True:
+                try:
+                    item = decoder.next()
+                except protocol.MalformedMessage as e:
+                    _refuse(conn, str(e))
+                    continue
+                except protocol.ProtocolError as e:
+                    _refuse(conn, f"{e}; closing the connection")
+                    raise
+                if item is None:
+                    break
                 message, _ = item
-                if not isinstance(message, Request):
-                    raise protocol.ProtocolError(f"unexpected {type(message).__name__}")
+                if not isinstance(message, Request):  # the request decoder allows no other
+                    _refuse(conn, f"{type(message).__name__} is not a request")
+                    continue
                 log.debug("request %s", message)
-                response, fds = session.handle(message)
+                response, fds = state.handle(message)
                 try:
                     _send(conn, response, fds)
                 finally:
@@ -656,7 +160,7 @@ def serve(conn: socket.socket, session: Session, *, wakeup: socket.socket) -> in
     finally:
         selector.close()
         decoder.close()
-    return 1 if session.teardown() else 0
+    return 1 if state.teardown() else 0
 
 
 # --- entry points ---------------------------------------------------------------
@@ -686,7 +190,9 @@ def _sweep(journal_dir: Path) -> SweepReport:
     """Undoes what dead helpers left in this namespace."""
     try:
         with Nft() as nft:
-            report = sweep(journal_dir, current=current_identity(), undo=lambda e: _undo(nft, e))
+            report = sweep(
+                journal_dir, current=current_identity(), undo=lambda e: undo_entry(nft, e)
+            )
     except Exception as e:
         log.exception("cleanup failed")
         return SweepReport(undone=[], failed=[f"{journal_dir}: {e}"], skipped=[])
@@ -725,11 +231,11 @@ def run(path: str, *, journal_dir: Path = DEFAULT_DIR) -> int:
         log.error("cannot connect to the daemon at %s: %s", path, e)
         return 2
     with conn, Nft() as nft:
-        session = Session(nft=nft, journal=Journal(journal_dir, owner=current_identity()))
+        state = NetworkState(nft=nft, journal=Journal(journal_dir, owner=current_identity()))
         try:
-            return serve(conn, session, wakeup=wakeup_read)
+            return serve(conn, state, wakeup=wakeup_read)
         finally:
-            session.teardown()  # a no-op unless serve() itself failed
+            state.teardown()  # a no-op unless serve() itself failed
 
 
 def main(argv: Sequence[str] | None = None) -> int:

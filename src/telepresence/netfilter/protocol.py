@@ -9,9 +9,17 @@ the header says how many of the received descriptors belong to the frame.
 
 This module is sans-I/O: :func:`encode` gives bytes, :class:`FrameDecoder` is
 fed bytes and descriptors and yields messages, so both ends and the tests share
-one implementation and no socket is needed to test it.  Unknown *fields* are
-ignored, so a field with a default can be added without a version bump;
-anything else incompatible bumps :data:`VERSION`.
+one implementation and no socket is needed to test it.
+
+Requests are what a hostile local user could send to a root process, so the
+helper decodes them strictly: at most :data:`MAX_REQUEST` bytes, known types
+and fields only, every field of its declared type.  Responses tolerate
+unknown fields, so the helper can add a field with a default without a
+version bump; any other incompatible change bumps :data:`VERSION`.
+
+What the helper changes is its own choice (TUN name and address, table name,
+socket mark, which nameservers to redirect; see :mod:`.policy`): requests
+carry only what the daemon knows better, and can only narrow that choice.
 """
 
 from __future__ import annotations
@@ -28,12 +36,14 @@ import msgspec
 __all__ = [
     "MAX_FDS",
     "MAX_FRAME",
+    "MAX_REQUEST",
     "VERSION",
     "AddHostRoutes",
     "Error",
     "FrameDecoder",
     "Hello",
     "HostRoutesDone",
+    "MalformedMessage",
     "Message",
     "Ok",
     "ProtocolError",
@@ -53,10 +63,12 @@ __all__ = [
 ]
 
 #: Bumped on any change an older peer could misread; checked from :class:`Hello`.
-VERSION = 1
-#: Requests are a few kilobytes even with thousands of host routes; a larger
-#: frame means a confused or hostile peer, not a big request.
+VERSION = 2
+#: Responses (a status with thousands of host routes) stay far below this.
 MAX_FRAME = 4 * 1024 * 1024
+#: Requests are a few kilobytes even with hundreds of subnets; a larger one means
+#: a confused or hostile peer, and the root helper does not buffer it.
+MAX_REQUEST = 64 * 1024
 #: No response carries more than one descriptor; a few more leave room to grow.
 MAX_FDS = 4
 
@@ -64,45 +76,49 @@ _HEADER = struct.Struct("!IB")
 
 
 class ProtocolError(Exception):
-    """The peer sent something that is not a valid frame of this protocol."""
+    """The byte stream is not a valid sequence of frames; it cannot be resynchronised."""
+
+
+class MalformedMessage(ProtocolError):
+    """A well-delimited frame whose body is not a valid message (garbage, an unknown
+    type or field, a wrong type): the frame was consumed and the next one can be read."""
 
 
 # --- requests (daemon -> helper) ---------------------------------------------
 
 
-class Setup(msgspec.Struct, frozen=True, kw_only=True, tag=True):
+class _Request(msgspec.Struct, frozen=True, kw_only=True, tag=True, forbid_unknown_fields=True):
+    """Requests reach a root process: an unknown field is refused, not ignored."""
+
+
+class Setup(_Request, frozen=True, kw_only=True):
     """Create the TUN device, its routes and the nftables table, in one step.
 
-    ``subnets`` are routed after removing ``never_proxy``, each of
-    ``api_server_ips`` and loopback (the helper enforces it again, so a
-    daemon bug cannot route the tunnel's own transport into itself).
-    ``allow_conflicting`` allows every overlap with the laptop's routes;
-    ``allow_conflicting_subnets`` only overlaps inside the given CIDRs.
-    An empty ``dns_nameservers`` sets up no DNS redirect.  Answered with
-    :class:`SetupDone` and the TUN's file descriptor.
+    ``subnets`` are routed exactly as given minus ``never_proxy``; the daemon
+    has already taken out the API server's addresses (``api_server_ips``): a
+    subnet that still covers one is refused, like one that covers loopback,
+    link-local, multicast or the laptop's default gateway.  An overlap with a
+    laptop route is refused unless it lies inside ``allow_conflicting_subnets``
+    (the user's ``--allow-conflicting-subnets``, as given).  The TUN, table,
+    mark and redirected nameservers are the helper's choice, not the
+    request's.  Answered with :class:`SetupDone` and the TUN's file descriptor.
     """
 
-    tun_name: str = "tel0"
-    tun_address: str = "198.18.255.254"
     subnets: list[str]
     never_proxy: list[str] = []
     api_server_ips: list[str] = []
-    dns_nameservers: list[str] = []
+    allow_conflicting_subnets: list[str] = []
     dns_redirect_port: int
     proxy_port: int
-    mark: int
-    allow_conflicting: bool = False
-    allow_conflicting_subnets: list[str] = []
-    nft_table: str = "telepresence"
 
 
-class UpdateSubnets(msgspec.Struct, frozen=True, kw_only=True, tag=True):
+class UpdateSubnets(_Request, frozen=True, kw_only=True):
     """Replace the routed subnets; only the difference is applied.  -> :class:`SubnetsDone`."""
 
     subnets: list[str]
 
 
-class AddHostRoutes(msgspec.Struct, frozen=True, kw_only=True, tag=True):
+class AddHostRoutes(_Request, frozen=True, kw_only=True):
     """Route single addresses (cluster DNS answers for external names).
 
     Answered with :class:`HostRoutesDone`.
@@ -111,26 +127,28 @@ class AddHostRoutes(msgspec.Struct, frozen=True, kw_only=True, tag=True):
     ips: list[str]
 
 
-class RemoveHostRoutes(msgspec.Struct, frozen=True, kw_only=True, tag=True):
+class RemoveHostRoutes(_Request, frozen=True, kw_only=True):
     """Stop routing addresses added by :class:`AddHostRoutes`.  -> :class:`HostRoutesDone`."""
 
     ips: list[str]
 
 
-class UpstreamSocket(msgspec.Struct, frozen=True, kw_only=True, tag=True):
-    """A fresh IPv4 socket carrying the Setup mark, exempt from the DNS redirect.
+class UpstreamSocket(_Request, frozen=True, kw_only=True):
+    """A fresh UDP or TCP socket (IPv4 or IPv6) carrying the helper's mark, so the
+    daemon's own upstream DNS queries are exempt from the DNS redirect.
 
     Answered with :class:`SocketReady` and the socket's descriptor.
     """
 
     kind: Literal["udp", "tcp"]
+    family: Literal[4, 6] = 4
 
 
-class Status(msgspec.Struct, frozen=True, kw_only=True, tag=True):
+class Status(_Request, frozen=True, kw_only=True):
     """What is applied, read back from the kernel.  -> :class:`StatusReply`."""
 
 
-class Teardown(msgspec.Struct, frozen=True, kw_only=True, tag=True):
+class Teardown(_Request, frozen=True, kw_only=True):
     """Undo everything (DNS redirect first), answer :class:`Ok`, then exit 0."""
 
 
@@ -163,10 +181,14 @@ class Error(msgspec.Struct, frozen=True, kw_only=True, tag=True):
 
 
 class SetupDone(msgspec.Struct, frozen=True, kw_only=True, tag=True):
-    """``routed``: the subnets actually routed, after the never-proxy holes."""
+    """``routed``: the subnets actually routed, after the never-proxy holes;
+    ``nameservers``: the addresses whose port 53 is redirected (read by the helper
+    from /etc/resolv.conf); ``mark``: the mark on upstream sockets."""
 
     tun_name: str
     routed: list[str]
+    nameservers: list[str] = []
+    mark: int = 0
 
 
 class SubnetsDone(msgspec.Struct, frozen=True, kw_only=True, tag=True):
@@ -188,6 +210,7 @@ class HostRoutesDone(msgspec.Struct, frozen=True, kw_only=True, tag=True):
 
 class SocketReady(msgspec.Struct, frozen=True, kw_only=True, tag=True):
     kind: Literal["udp", "tcp"]
+    family: Literal[4, 6] = 4
 
 
 class StatusReply(msgspec.Struct, frozen=True, kw_only=True, tag=True):
@@ -212,7 +235,8 @@ Response = Hello | Ok | Error | SetupDone | SubnetsDone | HostRoutesDone | Socke
 Message = Request | Response
 
 _encoder = msgspec.msgpack.Encoder()
-_decoder: msgspec.msgpack.Decoder[Message] = msgspec.msgpack.Decoder(Message)
+_any_decoder: msgspec.msgpack.Decoder[Message] = msgspec.msgpack.Decoder(Message)
+_request_decoder: msgspec.msgpack.Decoder[Request] = msgspec.msgpack.Decoder(Request)
 
 
 def encode(message: Message, *, fds: int = 0) -> bytes:
@@ -220,8 +244,9 @@ def encode(message: Message, *, fds: int = 0) -> bytes:
     if not 0 <= fds <= MAX_FDS:
         raise ValueError(f"a frame carries 0..{MAX_FDS} descriptors, not {fds}")
     body = _encoder.encode(message)
-    if len(body) > MAX_FRAME:
-        raise ValueError(f"message of {len(body)} bytes exceeds the {MAX_FRAME}-byte limit")
+    limit = MAX_REQUEST if isinstance(message, _Request) else MAX_FRAME
+    if len(body) > limit:
+        raise ValueError(f"message of {len(body)} bytes exceeds the {limit}-byte limit")
     return _HEADER.pack(len(body), fds) + body
 
 
@@ -230,12 +255,21 @@ class FrameDecoder:
 
     Descriptors are owned by the decoder until :meth:`next` hands them out
     with their frame; :meth:`close` closes any it still holds, so an error
-    path never leaks them.
+    path never leaks them.  :meth:`for_requests` is the helper's strict one.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, max_body: int = MAX_FRAME, requests_only: bool = False) -> None:
         self._buffer = bytearray()
         self._fds: deque[int] = deque()
+        self._max_body = max_body
+        self._decoder: msgspec.msgpack.Decoder[Message] | msgspec.msgpack.Decoder[Request] = (
+            _request_decoder if requests_only else _any_decoder
+        )
+
+    @classmethod
+    def for_requests(cls) -> FrameDecoder:
+        """Requests only, of at most :data:`MAX_REQUEST` bytes: what the root helper reads."""
+        return cls(max_body=MAX_REQUEST, requests_only=True)
 
     def feed(self, data: bytes, fds: Iterable[int] = ()) -> None:
         self._fds.extend(fds)
@@ -251,8 +285,12 @@ class FrameDecoder:
         if len(self._buffer) < _HEADER.size:
             return None
         length, nfds = _HEADER.unpack_from(self._buffer)
-        if length > MAX_FRAME or nfds > MAX_FDS:
-            raise ProtocolError(f"invalid frame header (length {length}, {nfds} descriptors)")
+        if length > self._max_body:
+            raise ProtocolError(
+                f"message of {length} bytes refused: the limit is {self._max_body} bytes"
+            )
+        if nfds > MAX_FDS:
+            raise ProtocolError(f"invalid frame header ({nfds} descriptors, at most {MAX_FDS})")
         end = _HEADER.size + length
         if len(self._buffer) < end:
             return None
@@ -262,10 +300,10 @@ class FrameDecoder:
         del self._buffer[:end]
         fds = [self._fds.popleft() for _ in range(nfds)]
         try:
-            message = _decoder.decode(body)
-        except msgspec.DecodeError as e:
+            message = self._decoder.decode(body)
+        except msgspec.DecodeError as e:  # ValidationError is one too
             _close_all(fds)
-            raise ProtocolError(f"malformed message: {e}") from None
+            raise MalformedMessage(f"malformed message: {e}") from None
         return message, fds
 
     def close(self) -> None:

@@ -11,7 +11,8 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import json
-import shutil
+import os
+import stat
 import subprocess
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -21,22 +22,30 @@ from typing import Any
 from telepresence.netfilter.subnets import IPNetwork
 
 __all__ = [
+    "IP_CANDIDATES",
     "IpError",
+    "LaptopNetwork",
     "Link",
     "add_routes",
     "configure_tun",
     "delete_link",
     "delete_routes",
     "get_link",
+    "laptop_network",
     "laptop_routes",
+    "parse_gateways",
     "parse_routes",
+    "parse_rule_marks",
     "render_route_batch",
     "routes_on",
     "run_ip",
 ]
 
-#: sudo resets PATH to secure_path; look in the usual places whatever it is.
-_IP = shutil.which("ip") or shutil.which("ip", path="/usr/sbin:/sbin:/usr/bin:/bin") or "ip"
+#: Where iproute2 lives on every distribution we know.  Never searched through
+#: PATH: this runs as root, and the caller's PATH (or an `ip` in a directory the
+#: caller can write) must not choose the program root runs.
+IP_CANDIDATES = ("/usr/sbin/ip", "/sbin/ip")
+#: The whole environment of every child: nothing inherited from the caller.
 _ENV = {"LC_ALL": "C", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
 #: Route types that can carry traffic somewhere else; blackhole, local,
 #: broadcast etc. describe this host, not a network a VPN reaches.
@@ -47,9 +56,26 @@ class IpError(Exception):
     """An ``ip`` command failed; the message names it and its first error line."""
 
 
+def find_ip(candidates: Sequence[str] = IP_CANDIDATES) -> str:
+    """The first candidate that is a regular file, owned by root and writable by
+    root only (checked after following symlinks, as exec would follow them)."""
+    for path in candidates:
+        try:
+            info = os.stat(path)
+        except OSError:
+            continue
+        if (
+            stat.S_ISREG(info.st_mode)
+            and info.st_uid == 0
+            and not info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+        ):
+            return path
+    raise IpError(f"iproute2 not found as a root-owned {' or '.join(candidates)}: install it")
+
+
 def run_ip(*args: str, input: str | None = None) -> str:
     proc = subprocess.run(
-        [_IP, *args],
+        [find_ip(), *args],
         input=input,
         capture_output=True,
         text=True,
@@ -91,6 +117,68 @@ def parse_routes(routes: Iterable[dict[str, Any]], *, family: int) -> list[tuple
         if net.version == family:
             result.append((net, str(route["dev"])))
     return result
+
+
+def parse_gateways(routes: Iterable[dict[str, Any]]) -> list[IPv4Address]:
+    """Gateways of IPv4 default routes (and of the 0.0.0.0/1 + 128.0.0.0/1 pair that
+    full-tunnel VPNs use instead), in every table: the laptop's way out, which no
+    cluster subnet may capture.  Multipath routes list theirs under ``nexthops``."""
+    found: list[IPv4Address] = []
+    for route in routes:
+        dst = str(route.get("dst", ""))
+        if dst not in ("default", "0.0.0.0/0", "0.0.0.0/1", "128.0.0.0/1"):
+            continue
+        hops = [route, *route.get("nexthops", [])]
+        for hop in hops:
+            with contextlib.suppress(ValueError):
+                gateway = ipaddress.ip_address(str(hop.get("gateway", "")))
+                if isinstance(gateway, IPv4Address) and gateway not in found:
+                    found.append(gateway)
+    return found
+
+
+def parse_rule_marks(rules: Iterable[dict[str, Any]]) -> list[tuple[int, int]]:
+    """``(fwmark, mask)`` of every policy routing rule (``ip -j rule``) that
+    selects by mark: a socket carrying a matching mark is routed differently,
+    which is how WireGuard and other VPNs exempt their own traffic."""
+    marks: list[tuple[int, int]] = []
+    for rule in rules:
+        if "fwmark" not in rule:
+            continue
+        with contextlib.suppress(ValueError):
+            mark = int(str(rule["fwmark"]), 0)
+            mask = int(str(rule.get("fwmask", "0xffffffff")), 0)
+            marks.append((mark, mask))
+    return marks
+
+
+@dataclass(frozen=True, kw_only=True)
+class LaptopNetwork:
+    """What the helper checks requests against, read fresh for each request."""
+
+    routes: list[tuple[IPNetwork, str]]
+    gateways: list[IPv4Address]
+    rule_marks: list[tuple[int, int]]
+
+
+def laptop_network() -> LaptopNetwork:
+    routes4 = _json("-4", "route", "show", "table", "all")
+    return LaptopNetwork(
+        routes=[
+            *parse_routes(routes4, family=4),
+            *parse_routes(_json("-6", "route", "show", "table", "all"), family=6),
+        ],
+        gateways=parse_gateways(routes4),
+        rule_marks=[*parse_rule_marks(_json("-4", "rule")), *_ipv6_rule_marks()],
+    )
+
+
+def _ipv6_rule_marks() -> list[tuple[int, int]]:
+    """Empty where IPv6 is disabled (``ip -6 rule`` then fails)."""
+    try:
+        return parse_rule_marks(_json("-6", "rule"))
+    except IpError:
+        return []
 
 
 def laptop_routes() -> list[tuple[IPNetwork, str]]:

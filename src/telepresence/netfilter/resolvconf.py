@@ -1,0 +1,78 @@
+"""The laptop's resolver configuration, read the way glibc reads it.
+
+The one resolv.conf parser of the laptop side: the root helper uses it to
+decide which nameservers to redirect (it never takes them from its caller,
+or a caller could hijack any address's port 53), and the user daemon uses it
+for the upstream it forwards to and the laptop's own search domains, so both
+always agree on what "the laptop's nameserver" is.  Pure, apart from
+:func:`read_resolv_conf`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass
+from ipaddress import IPv4Address
+from pathlib import Path
+
+__all__ = ["MAXNS", "RESOLV_CONF", "ResolvConf", "read_resolv_conf"]
+
+RESOLV_CONF = Path("/etc/resolv.conf")
+#: glibc's MAXNS: nameserver lines after the third are ignored by the resolver,
+#: so redirecting them would hijack an address nobody on the laptop queries.
+MAXNS = 3
+#: A resolv.conf is a few hundred bytes; reading more is a sign of a wrong file.
+_MAX_SIZE = 64 * 1024
+_COMMENT = re.compile(r"[#;]")
+
+
+@dataclass(frozen=True)
+class ResolvConf:
+    """``nameservers``: the IPv4 addresses among the first :data:`MAXNS` nameserver
+    lines, in order (the ones telepresence redirects and forwards to; the helper
+    handles IPv4 only); ``search``: the last ``search``/``domain`` line's domains."""
+
+    nameservers: tuple[str, ...] = ()
+    search: tuple[str, ...] = ()
+
+    @classmethod
+    def parse(cls, text: str) -> ResolvConf:
+        """resolv.conf(5): ``#`` or ``;`` starts a comment, at the start of a line or
+        after a value; the last ``search`` or ``domain`` line wins; a nameserver that
+        is not an IP address still takes one of the :data:`MAXNS` places, as in glibc."""
+        nameservers: list[str] = []
+        seen = 0
+        search: list[str] = []
+        for raw in text.splitlines():
+            words = _COMMENT.split(raw, maxsplit=1)[0].split()
+            if not words:
+                continue
+            keyword, args = words[0], words[1:]
+            if keyword == "nameserver" and args:
+                seen += 1
+                if seen > MAXNS:
+                    continue
+                try:
+                    address = ipaddress.ip_address(args[0])
+                except ValueError:
+                    continue
+                if isinstance(address, IPv4Address) and str(address) not in nameservers:
+                    nameservers.append(str(address))
+            elif keyword in ("search", "domain"):
+                search = [a.rstrip(".") for a in args if a.rstrip(".")]
+        return cls(tuple(nameservers), tuple(search))
+
+    def ipv4_nameservers(self) -> list[IPv4Address]:
+        return [IPv4Address(n) for n in self.nameservers]
+
+
+def read_resolv_conf(path: Path = RESOLV_CONF) -> ResolvConf:
+    """The parsed file; a missing or unreadable file is an empty configuration
+    (no nameserver to redirect), not an error."""
+    try:
+        with path.open("rb") as f:
+            data = f.read(_MAX_SIZE)
+    except OSError:
+        return ResolvConf()
+    return ResolvConf.parse(data.decode("utf-8", errors="replace"))

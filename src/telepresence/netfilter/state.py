@@ -1,0 +1,441 @@
+"""The helper's changes to the laptop's network: applied one request at a time, undone at the end.
+
+Every change is written to the journal before it is made and undone by
+:meth:`NetworkState.teardown`, each undo in its own try.  Every request is
+checked completely (:mod:`.policy`, against the laptop as it is now) before
+the first change, so a refused request changes nothing; a request that fails
+midway is rolled back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv4Network, ip_address
+from pathlib import Path
+
+from telepresence.netfilter import nftables, policy, routes, tun
+from telepresence.netfilter.journal import (
+    Entry,
+    Journal,
+    LinkEntry,
+    NftTableEntry,
+    RouteEntry,
+)
+from telepresence.netfilter.nftables import Nft, NftError, TableConfig
+from telepresence.netfilter.policy import Plan, Refused
+from telepresence.netfilter.protocol import (
+    AddHostRoutes,
+    Error,
+    HostRoutesDone,
+    Ok,
+    RemoveHostRoutes,
+    Request,
+    Response,
+    Setup,
+    SetupDone,
+    SocketReady,
+    Status,
+    StatusReply,
+    SubnetsDone,
+    Teardown,
+    UpdateSubnets,
+    UpstreamSocket,
+)
+from telepresence.netfilter.resolvconf import RESOLV_CONF, read_resolv_conf
+from telepresence.netfilter.subnets import IPAddress, parse_cidr_list
+
+__all__ = ["LOG_FILE", "NetworkState", "undo_entry"]
+
+log = logging.getLogger("telepresence.netfilter.helper")
+
+LOG_FILE = Path("/var/log/telepresence/helper.log")
+_SO_MARK = getattr(socket, "SO_MARK", 36)
+
+
+def _ipv4_networks(items: Sequence[str]) -> list[IPv4Network]:
+    try:
+        nets = parse_cidr_list(",".join(items))
+    except ValueError as e:
+        raise Refused(f"subnets: {e}") from None
+    for net in nets:
+        if not isinstance(net, IPv4Network):
+            raise Refused(f"subnet {net} is IPv6, which the network helper does not route yet")
+    return [n for n in nets if isinstance(n, IPv4Network)]
+
+
+def _addresses(items: Sequence[str]) -> list[IPAddress]:
+    try:
+        return [ip_address(item) for item in items]
+    except ValueError as e:
+        raise Refused(f"invalid host address: {e}") from None
+
+
+@dataclass
+class _Applied:
+    """What exists now, so teardown knows what to undo without asking the kernel."""
+
+    plan: Plan
+    tun: tun.Tun | None = None
+    link: LinkEntry | None = None
+    table: NftTableEntry | None = None
+    subnets: list[IPv4Network] = field(default_factory=list)
+    hosts: set[IPv4Address] = field(default_factory=set)
+    routes: dict[IPv4Network, RouteEntry] = field(default_factory=dict)
+
+    def desired_routes(self) -> set[IPv4Network]:
+        return set(self.subnets) | {IPv4Network(h) for h in self.hosts}
+
+
+class NetworkState:
+    """Applies requests, one at a time; every change is journaled first and
+    undone by :meth:`teardown`, each undo in its own try.
+
+    ``resolv_conf`` is where the nameservers to redirect are read, at Setup.
+    """
+
+    def __init__(self, *, nft: Nft, journal: Journal, resolv_conf: Path = RESOLV_CONF) -> None:
+        self._nft = nft
+        self._journal = journal
+        self._resolv_conf = resolv_conf
+        self._applied: _Applied | None = None
+
+    def handle(self, request: Request) -> tuple[Response, list[int]]:
+        """The response and descriptors to send; the caller closes the descriptors after."""
+        response, fds = self._answer(request)
+        if isinstance(response, Error):
+            response = Error(message=" ".join(response.message.split()))  # one line, always
+        return response, fds
+
+    def _answer(self, request: Request) -> tuple[Response, list[int]]:
+        try:
+            return self._dispatch(request)
+        except (Refused, ValueError, NftError, routes.IpError, tun.TunError) as e:
+            log.warning("%s failed: %s", type(request).__name__, e)
+            return Error(message=str(e)), []
+        except OSError as e:
+            log.warning("%s failed: %s", type(request).__name__, e)
+            return Error(message=f"{type(request).__name__} failed: {e}"), []
+        except Exception as e:
+            log.exception("%s failed", type(request).__name__)
+            return Error(message=f"internal error in the network helper ({e}); see {LOG_FILE}"), []
+
+    def _dispatch(self, request: Request) -> tuple[Response, list[int]]:
+        if isinstance(request, Setup):
+            return self._setup(request)
+        if isinstance(request, Status):
+            return self._status(), []
+        if isinstance(request, Teardown):
+            failures = self.teardown()
+            if failures:
+                raise Refused("teardown incomplete: " + "; ".join(failures))
+            return Ok(), []
+        applied = self._applied
+        if applied is None:
+            raise Refused(f"{type(request).__name__} before Setup: send Setup first")
+        if isinstance(request, UpdateSubnets):
+            requested = _ipv4_networks(request.subnets)
+            network = routes.laptop_network()
+            applied.plan.check_subnets(requested, gateways=network.gateways)
+            nets = applied.plan.routed(requested)
+            new = set(nets) - set(applied.subnets)
+            applied.plan.check_conflicts(sorted(new), network.routes)
+            self._reconcile(applied, subnets=nets, hosts=applied.hosts)
+            return SubnetsDone(routed=[str(n) for n in applied.subnets]), []
+        if isinstance(request, AddHostRoutes):
+            return self._add_hosts(applied, _addresses(request.ips)), []
+        if isinstance(request, RemoveHostRoutes):
+            gone = set(_addresses(request.ips))
+            self._reconcile(applied, subnets=applied.subnets, hosts=applied.hosts - gone)
+            return HostRoutesDone(hosts=[str(h) for h in sorted(applied.hosts)]), []
+        if isinstance(request, UpstreamSocket):
+            fd = upstream_socket(kind=request.kind, family=request.family)
+            return SocketReady(kind=request.kind, family=request.family), [fd]
+        raise Refused(f"unknown request {type(request).__name__}")
+
+    # Setup ---------------------------------------------------------------
+
+    def _setup(self, request: Setup) -> tuple[Response, list[int]]:
+        if self._applied is not None:
+            raise Refused("already set up: send Teardown first, or UpdateSubnets")
+        nameservers = read_resolv_conf(self._resolv_conf).ipv4_nameservers()
+        plan = policy.plan_setup(request, network=routes.laptop_network(), nameservers=nameservers)
+        existing = routes.get_link(plan.tun_name)
+        if existing is not None and existing.kind == "tun":
+            raise Refused(
+                f"TUN device {plan.tun_name} already exists: another telepresence session is "
+                "connected, or one left it behind (run `telepresence quit`)"
+            )
+        if existing is not None:
+            raise Refused(
+                f"cannot create the TUN device {plan.tun_name}: the laptop has a "
+                f"{existing.kind or 'network'} device of that name; rename or remove it"
+            )
+        subnets = plan.routed(plan.requested)
+        applied = _Applied(plan=plan)
+        self._applied = applied
+        try:
+            self._create_tun(applied)
+            self._add_routes(applied, sorted(set(subnets)))
+            applied.subnets = subnets
+            self._create_table(applied)
+        except BaseException:
+            failures = self.teardown()
+            if failures:
+                log.error("rollback of the failed Setup incomplete: %s", "; ".join(failures))
+            raise
+        assert applied.tun is not None
+        log.info(
+            "set up %s %s, routes %s, table %s",
+            plan.tun_name,
+            plan.tun_address,
+            ", ".join(map(str, subnets)) or "none",
+            plan.table.name,
+        )
+        done = SetupDone(
+            tun_name=plan.tun_name,
+            routed=[str(n) for n in subnets],
+            nameservers=[str(n) for n in plan.table.dns_servers],
+            mark=plan.table.mark,
+        )
+        return done, [os.dup(applied.tun.fd)]
+
+    def _create_tun(self, applied: _Applied) -> None:
+        plan = applied.plan
+        applied.tun = tun.open_tun(plan.tun_name)
+        link = routes.get_link(applied.tun.name)
+        if link is None:
+            raise tun.TunError(f"TUN device {applied.tun.name} vanished right after creation")
+        applied.link = LinkEntry(name=link.name, ifindex=link.ifindex)
+        self._journal.record(applied.link)
+        routes.configure_tun(device=link.name, address=plan.tun_address)
+
+    def _create_table(self, applied: _Applied) -> None:
+        plan = applied.plan
+        config = TableConfig(
+            name=plan.table.name,
+            mark=plan.table.mark,
+            proxy_port=plan.table.proxy_port,
+            dns_port=plan.table.dns_port,
+            dns_servers=plan.table.dns_servers,
+            routed=applied.subnets,
+        )
+        entry = NftTableEntry(name=config.name)
+        self._journal.record(entry)
+        try:
+            self._nft.run(nftables.render_create(config))
+        except NftError:
+            # One transaction: nothing was created, and a table that exists is not ours.
+            self._journal.forget(entry)
+            if self._nft.table_exists(config.name):
+                raise Refused(
+                    f"nftables table ip {config.name} already exists: another telepresence "
+                    "session is connected, or one left it behind (run `telepresence quit`)"
+                ) from None
+            raise
+        applied.table = entry
+
+    # Routes and sets -----------------------------------------------------------
+
+    def _add_routes(self, applied: _Applied, nets: Sequence[IPv4Network]) -> None:
+        """Journal, then add; on failure remove what this call added, then raise."""
+        assert applied.link is not None
+        new = [n for n in nets if n not in applied.routes]
+        if not new:
+            return
+        link = applied.link
+        entries = {
+            n: RouteEntry(network=str(n), device=link.name, ifindex=link.ifindex) for n in new
+        }
+        self._journal.record(*entries.values())
+        applied.routes.update(entries)
+        try:
+            routes.add_routes(device=link.name, networks=new, source=applied.plan.tun_address)
+        except routes.IpError:
+            self._undo_routes(applied, new)
+            raise
+
+    def _undo_routes(self, applied: _Applied, nets: Sequence[IPv4Network]) -> None:
+        """Rollback on an error path: log its own failure, never mask the first one."""
+        try:
+            self._delete_routes(applied, nets)
+        except Exception as e:
+            log.error("could not roll back routes %s: %s", ", ".join(map(str, nets)), e)
+
+    def _delete_routes(self, applied: _Applied, nets: Sequence[IPv4Network]) -> None:
+        assert applied.link is not None
+        routes.delete_routes(device=applied.link.name, ifindex=applied.link.ifindex, networks=nets)
+        self._journal.forget(*(applied.routes.pop(n) for n in nets if n in applied.routes))
+
+    def _reconcile(
+        self, applied: _Applied, *, subnets: list[IPv4Network], hosts: set[IPv4Address]
+    ) -> None:
+        """Moves routes and sets to ``subnets`` + ``hosts``, touching only the difference.
+
+        New routes first, then one nft transaction for both sets, then the
+        removal of old routes: at no point is an address in a set but not
+        routed, and a failure before the nft step leaves the old state.
+        """
+        plan = applied.plan
+        before = applied.desired_routes()
+        after = set(subnets) | {IPv4Network(h) for h in hosts}
+        added = sorted(after - before)
+        self._add_routes(applied, added)
+        commands = nftables.render_set_update(
+            table=plan.table.name,
+            set_name=nftables.ROUTED_SET,
+            add=sorted(set(subnets) - set(applied.subnets)),
+            remove=sorted(set(applied.subnets) - set(subnets)),
+        ) + nftables.render_set_update(
+            table=plan.table.name,
+            set_name=nftables.HOSTS_SET,
+            add=sorted(hosts - applied.hosts),
+            remove=sorted(applied.hosts - hosts),
+        )
+        if commands:
+            try:
+                self._nft.run(commands)
+            except NftError:
+                self._undo_routes(applied, added)
+                raise
+        applied.subnets = list(subnets)
+        applied.hosts = set(hosts)
+        self._delete_routes(applied, sorted(before - after))
+        log.info(
+            "routes now %s; hosts %s",
+            ", ".join(map(str, applied.subnets)) or "none",
+            ", ".join(map(str, sorted(applied.hosts))) or "none",
+        )
+
+    def _add_hosts(self, applied: _Applied, ips: list[IPAddress]) -> HostRoutesDone:
+        """Routes each address that may be routed; the rest are skipped with a reason
+        (a DNS answer must never break the session or hijack the laptop's network)."""
+        skipped: list[str] = []
+        allowed: list[IPv4Address] = []
+        network = routes.laptop_network()
+        for ip in dict.fromkeys(ips):
+            reason = policy.host_refusal(
+                ip, applied.plan, gateways=network.gateways, existing=network.routes
+            )
+            if reason is not None:
+                skipped.append(reason)
+            elif isinstance(ip, IPv4Address):
+                allowed.append(ip)
+        self._reconcile(applied, subnets=applied.subnets, hosts=applied.hosts | set(allowed))
+        for reason in skipped:
+            log.info("host route skipped: %s", reason)
+        return HostRoutesDone(hosts=[str(h) for h in sorted(applied.hosts)], skipped=skipped)
+
+    # Sockets and status ------------------------------------------------------
+
+    def _status(self) -> StatusReply:
+        applied = self._applied
+        if applied is None:
+            return StatusReply(configured=False, helper_pid=os.getpid())
+        plan = applied.plan
+        link = routes.get_link(plan.tun_name)
+        present = (
+            link is not None and applied.link is not None and link.ifindex == applied.link.ifindex
+        )
+        return StatusReply(
+            configured=True,
+            helper_pid=os.getpid(),
+            tun_name=plan.tun_name,
+            tun_address=str(plan.tun_address),
+            tun_present=present,
+            routes=[str(n) for n in routes.routes_on(plan.tun_name)] if present else [],
+            hosts=[str(h) for h in sorted(applied.hosts)],
+            nft_table=plan.table.name,
+            nft_table_present=self._nft.table_exists(plan.table.name),
+            dns_redirects=nftables.render_dns_redirects(plan.table),
+            proxy_port=plan.table.proxy_port,
+            mark=plan.table.mark,
+        )
+
+    # Teardown --------------------------------------------------------------------
+
+    def teardown(self) -> list[str]:
+        """Undoes everything, DNS redirect first; returns what could not be undone.
+
+        Deleting the table removes the DNS redirect and the proxy redirect in
+        one atomic step, so the laptop resolves through its own nameserver
+        again before anything slower happens.  Idempotent.
+        """
+        applied, self._applied = self._applied, None
+        if applied is None:
+            return []
+        failures: list[str] = []
+        if applied.table is not None:
+            try:
+                _delete_table(self._nft, applied.table)
+                self._journal.forget(applied.table)
+            except Exception as e:
+                failures.append(f"nftables table {applied.table.name}: {e}")
+        if applied.link is not None:
+            try:
+                self._delete_routes(applied, sorted(applied.routes))
+            except Exception as e:
+                failures.append(f"routes on {applied.link.name}: {e}")
+            try:
+                routes.delete_link(name=applied.link.name, ifindex=applied.link.ifindex)
+                self._journal.forget(applied.link, *applied.routes.values())
+            except Exception as e:
+                failures.append(f"link {applied.link.name}: {e}")
+        if applied.tun is not None:
+            with contextlib.suppress(OSError):
+                os.close(applied.tun.fd)
+        if failures:
+            log.error("teardown incomplete: %s", "; ".join(failures))
+        else:
+            log.info("teardown complete")
+        return failures
+
+
+def _delete_table(nft: Nft, entry: NftTableEntry) -> bool:
+    """True if deleted; gone already is fine, and a table owned by another live
+    process (the kernel refuses us) is not ours."""
+    try:
+        nft.run(nftables.render_delete(entry.name))
+    except NftError as e:
+        if "No such file or directory" in str(e):
+            return False
+        if "Operation not permitted" in str(e):
+            log.info("table %s belongs to another live process: left alone", entry.name)
+            return False
+        raise
+    return True
+
+
+def upstream_socket(*, kind: str, family: int, mark: int = policy.MARK) -> int:
+    """A new UDP or TCP socket, IPv4 or IPv6, with the helper's fixed mark; the
+    caller owns the descriptor.
+
+    SO_MARK needs CAP_NET_ADMIN, which the daemon lacks: the helper makes the
+    socket and hands it over; the mark exempts it from the DNS redirect.  Only
+    these two kinds and families, and only this mark: nothing that a raw or
+    packet socket, or a mark that VPN policy routing exempts, could do.
+    """
+    kinds = {"udp": socket.SOCK_DGRAM, "tcp": socket.SOCK_STREAM}
+    families = {4: socket.AF_INET, 6: socket.AF_INET6}
+    if kind not in kinds or family not in families:
+        raise Refused(f"no {kind} socket of IP version {family}: only udp or tcp, 4 or 6")
+    sock = socket.socket(families[family], kinds[kind])
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, _SO_MARK, mark)
+        return sock.detach()
+    finally:
+        sock.close()
+
+
+def undo_entry(nft: Nft, entry: Entry) -> bool:
+    """Undoes one journal entry of a dead helper; False if it was gone already."""
+    if isinstance(entry, NftTableEntry):
+        return _delete_table(nft, entry)
+    if isinstance(entry, RouteEntry):
+        network = IPv4Network(entry.network)
+        return routes.delete_routes(device=entry.device, ifindex=entry.ifindex, networks=[network])
+    return routes.delete_link(name=entry.name, ifindex=entry.ifindex)
