@@ -48,6 +48,7 @@ async def main(args):
             else:
                 info = await ensure_manager(
                     api, image=args["image"], version=args["version"],
+                    upgrade=args.get("upgrade", False),
                     progress=progress.append, timeout=args.get("timeout", 120))
         except KubeError as e:
             return {"error": str(e), "type": type(e).__name__, "progress": progress}
@@ -215,7 +216,9 @@ def test_a_user_who_may_create_namespaces_but_not_rbac_changes_nothing(clean: Cl
     assert not exists(cluster, "clusterrole", CLUSTER_ROLE)
 
 
-def test_install_is_idempotent_and_a_new_version_upgrades(clean: Cluster) -> None:
+def test_install_is_idempotent_and_a_new_version_upgrades_only_when_asked(
+    clean: Cluster,
+) -> None:
     cluster = clean
     first = install(cluster, version=OLD_VERSION)
     assert "error" not in first, first
@@ -235,7 +238,18 @@ def test_install_is_idempotent_and_a_new_version_upgrades(clean: Cluster) -> Non
     after = deployment(cluster)["metadata"]
     assert after["resourceVersion"] == before["resourceVersion"]  # nothing was applied
 
-    upgrade = install(cluster)
+    # A newer client keeps the older manager (teammates' sessions stay), and says how to
+    # upgrade it.
+    kept = install(cluster)
+    assert kept["info"]["version"] == OLD_VERSION
+    assert kept["info"]["pod_name"] == old["pod_name"]
+    assert kept["progress"] == [
+        f"Using Traffic Manager {OLD_VERSION} (older than this client {__version__}; "
+        "`telepresence manager upgrade` upgrades it)"
+    ]
+    assert deployment(cluster)["metadata"]["resourceVersion"] == before["resourceVersion"]
+
+    upgrade = install(cluster, upgrade=True)
     assert "error" not in upgrade, upgrade
     assert upgrade["progress"] == [
         f"Upgrading Traffic Manager from {OLD_VERSION} to {__version__}",

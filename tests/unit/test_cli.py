@@ -151,3 +151,63 @@ def test_status_imports_no_asyncio_and_works_without_a_daemon(tmp_path: Path) ->
         env={"PYTHONPATH": str(Path(__file__).parents[2] / "src"), "HOME": str(tmp_path)},
     )
     assert "User Daemon: Not running" in result.stdout
+
+
+def test_manager_upgrade_and_uninstall_parse() -> None:
+    args = parser().parse_args(
+        [
+            "manager",
+            "upgrade",
+            "--context",
+            "c",
+            "--manager-namespace",
+            "tm",
+            "--manager-image",
+            "i",
+        ]
+    )
+    assert (args.command, args.manager_command) == ("manager", "upgrade")
+    assert (args.context, args.manager_namespace, args.manager_image) == ("c", "tm", "i")
+    args = parser().parse_args(["manager", "uninstall", "--kubeconfig", "/k"])
+    assert (args.manager_command, args.kubeconfig, args.manager_namespace) == (
+        "uninstall",
+        "/k",
+        None,
+    )
+    with pytest.raises(SystemExit):
+        parser().parse_args(["manager"])
+    with pytest.raises(SystemExit):
+        parser().parse_args(["manager", "uninstall", "--manager-image", "i"])
+
+
+def test_status_prints_how_the_manager_compares() -> None:
+    status = {
+        "root_daemon": {"running": False},
+        "user_daemon": {
+            "running": True,
+            "status": "Connected",
+            "manager_version": "0.2.0",
+            "manager": "0.2.0 (newer than this client 0.1.0; compatible)",
+        },
+    }
+    lines = render.status_text(status).splitlines()
+    (line,) = [x for x in lines if x.strip().startswith("Traffic Manager")]
+    assert line.split(": ", 1)[1] == "0.2.0 (newer than this client 0.1.0; compatible)"
+    del status["user_daemon"]["manager"]  # a daemon from before the comparison
+    lines = render.status_text(status).splitlines()
+    (line,) = [x for x in lines if x.strip().startswith("Traffic Manager")]
+    assert line.split(": ", 1)[1] == "0.2.0"
+
+
+def test_the_test_overrides_stay_out_of_help() -> None:
+    help_text = (
+        parser().format_help()
+        + subprocess.run(
+            [sys.executable, "-m", "telepresence.cli", "manager", "--help"],
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout
+    )
+    assert "TELEPRESENCE_TEST" not in help_text
+    assert "upgrade" in help_text and "uninstall" in help_text

@@ -8,12 +8,13 @@ from typing import Any
 import pytest
 import yaml
 
-from telepresence import __version__
+from telepresence import __version__, versions
 from telepresence.k8s import manifests
 from telepresence.k8s.api import object_path
 from telepresence.manager import config
 from telepresence.manager.dialpolicy import DialPolicy
 from telepresence.tunnel.endpoint import STREAM_WINDOW
+from telepresence.versions import ProtocolRange
 
 Obj = dict[str, Any]
 
@@ -331,3 +332,58 @@ def test_the_installer_reads_back_the_dial_lists_it_applies() -> None:
     objects = manifests.manager_objects(dial_allow=["169.254.169.254/32"])
     assert _dial_env_of(by_kind("Deployment", objects)) == ("169.254.169.254/32", "")
     assert _dial_env_of(by_kind("Deployment")) == ("", "")
+
+
+# --- versions and uninstall ----------------------------------------------------------------
+
+
+def test_the_protocol_range_travels_on_the_deployment_and_its_pods() -> None:
+    dep = manifests.deployment("ns", image="i", version="1", protocol=ProtocolRange(1, 3))
+    assert dep["metadata"]["annotations"][manifests.PROTOCOL_ANNOTATION] == "1-3"
+    template = dep["spec"]["template"]["metadata"]["annotations"]
+    assert template[manifests.PROTOCOL_ANNOTATION] == "1-3"
+
+
+def test_test_overrides_reach_the_manager_only_when_set() -> None:
+    names = {e["name"] for e in pod_spec()["containers"][0]["env"]}
+    assert versions.VERSION_ENV not in names
+    objects = manifests.manager_objects(extra_env={versions.VERSION_ENV: "9.9.9"})
+    env = {e["name"]: e.get("value") for e in pod_spec(objects)["containers"][0]["env"]}
+    assert env[versions.VERSION_ENV] == "9.9.9"
+
+
+def test_a_faked_version_does_not_change_the_image() -> None:
+    objects = manifests.manager_objects(version="9.9.9")
+    assert pod_spec(objects)["containers"][0]["image"] == manifests.default_image(__version__)
+
+
+def test_the_namespace_is_marked_only_when_the_installer_creates_it() -> None:
+    assert "annotations" not in by_kind("Namespace")["metadata"]
+    owned = manifests.manager_objects(owns_namespace=True)
+    annotations = by_kind("Namespace", owned)["metadata"]["annotations"]
+    assert annotations == {manifests.CREATED_NAMESPACE_ANNOTATION: "true"}
+
+
+def test_uninstall_deletes_every_installed_object_deployment_first_namespace_last() -> None:
+    refs = manifests.uninstall_objects("ambassador", delete_namespace=True)
+    kinds = [r["kind"] for r in refs]
+    assert kinds[0] == "Deployment" and kinds[-1] == "Namespace"
+    installed = {(o["kind"], o["metadata"]["name"]) for o in OBJECTS}
+    deleted = {(r["kind"], r["metadata"]["name"]) for r in refs}
+    assert installed <= deleted
+    assert deleted - installed == {("Service", "traffic-manager")}  # what older versions made
+    assert kinds.index("RoleBinding") < kinds.index("Role")
+    assert kinds.index("ClusterRoleBinding") < kinds.index("ClusterRole")
+    assert [object_path(r) for r in refs][-3:] == [
+        "/apis/rbac.authorization.k8s.io/v1/clusterrolebindings/traffic-manager-ambassador",
+        "/apis/rbac.authorization.k8s.io/v1/clusterroles/traffic-manager-ambassador",
+        "/api/v1/namespaces/ambassador",
+    ]
+
+
+def test_uninstall_keeps_a_namespace_it_did_not_create() -> None:
+    refs = manifests.uninstall_objects("team", delete_namespace=False)
+    assert "Namespace" not in [r["kind"] for r in refs]
+    assert all(r["metadata"].get("namespace") in (None, "team") for r in refs)
+    cluster = [r["metadata"]["name"] for r in refs if "namespace" not in r["metadata"]]
+    assert cluster == ["traffic-manager-team", "traffic-manager-team"]

@@ -89,7 +89,30 @@ def parser() -> argparse.ArgumentParser:
     sub.add_parser("version", help="show the version")
     p = sub.add_parser("manifests", help="print the traffic manager's manifests (for GitOps)")
     p.add_argument("--manager-image", help="traffic manager image reference")
+    p = sub.add_parser("manager", help="upgrade or uninstall the cluster's traffic manager")
+    manager_sub = p.add_subparsers(dest="manager_command", metavar="ACTION")
+    manager_sub.required = True
+    p = manager_sub.add_parser(
+        "upgrade",
+        help="replace an older traffic manager with this client's (never downgrades)",
+    )
+    _manager_flags(p)
+    p.add_argument("--manager-image", help="traffic manager image reference")
+    p = manager_sub.add_parser(
+        "uninstall", help="remove everything `connect` installed in the cluster"
+    )
+    _manager_flags(p)
     return top
+
+
+def _manager_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--context", help="the kubeconfig context to use")
+    p.add_argument("--kubeconfig", help="path to the kubeconfig file (default: $KUBECONFIG)")
+    p.add_argument(
+        "--manager-namespace",
+        default=None,
+        help="namespace of the traffic manager (default ambassador)",
+    )
 
 
 def _helper_cleanup() -> None:
@@ -199,6 +222,45 @@ def cmd_manifests(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_manager(args: argparse.Namespace) -> int:
+    from telepresence.cli import manager
+
+    config = settings.load()
+    namespace = args.manager_namespace or config.manager_namespace or "ambassador"
+    progress = render.Progress(sys.stdout)
+    try:
+        if args.manager_command == "upgrade":
+            last = manager.upgrade(
+                kubeconfig_path=args.kubeconfig,
+                context=args.context,
+                namespace=namespace,
+                image=args.manager_image or config.manager_image,
+                dial_allow=config.manager_dial_allow,
+                dial_deny=config.manager_dial_deny,
+                progress=progress.step,
+            )
+        else:
+            state = client.status()["user_daemon"]
+            if state.get("running") and state.get("status") != "Not connected":
+                raise CliError(
+                    "this machine is connected through the Traffic Manager; "
+                    "run `telepresence quit` first"
+                )
+            last = manager.uninstall(
+                kubeconfig_path=args.kubeconfig,
+                context=args.context,
+                namespace=namespace,
+                progress=progress.step,
+            )
+    except manager.ManagerCommandError as e:
+        raise CliError(str(e)) from e
+    finally:
+        progress.done()
+    if last:
+        print(last)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     commands: dict[str, Callable[[argparse.Namespace], int]] = {
@@ -206,6 +268,7 @@ def main(argv: list[str] | None = None) -> None:
         "status": cmd_status,
         "quit": cmd_quit,
         "manifests": cmd_manifests,
+        "manager": cmd_manager,
         "intercept": cmd_intercept,
         "leave": cmd_leave,
         "list": cmd_list,
@@ -215,7 +278,10 @@ def main(argv: list[str] | None = None) -> None:
     try:
         code = commands[args.command](args)
     except (client.DaemonError, CliError, settings.SettingsError) as e:
-        print(f"telepresence {args.command}: {e}", file=sys.stderr)
+        command = args.command
+        if command == "manager":
+            command = f"manager {args.manager_command}"
+        print(f"telepresence {command}: {e}", file=sys.stderr)
         code = 1
     except KeyboardInterrupt:
         code = 130

@@ -93,7 +93,7 @@ def status_text(status: dict[str, Any]) -> str:
             ("Status", user.get("status", "")),
             ("Kubernetes server", user.get("kubernetes_server", "")),
             ("Kubernetes context", user.get("kubernetes_context", "")),
-            ("Traffic Manager", user.get("manager_version", "")),
+            ("Traffic Manager", user.get("manager") or user.get("manager_version", "")),
             ("Telepresence proxy", proxy),
             ("Mapped namespaces", ", ".join(user.get("mapped_namespaces", [])) or "all"),
             ("Intercepts", f"{user.get('intercepts', 0)} total"),

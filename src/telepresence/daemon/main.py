@@ -17,7 +17,7 @@ import signal
 import sys
 from typing import Any
 
-from telepresence import __version__, paths
+from telepresence import __version__, paths, versions
 from telepresence.daemon.session import ConnectError, ConnectRequest, Session
 
 log = logging.getLogger("telepresence.daemon")
@@ -141,7 +141,11 @@ class Daemon:
     def status(self) -> dict[str, Any]:
         if self.session is None:
             return {
-                "user_daemon": {"running": True, "version": __version__, "status": "Not connected"},
+                "user_daemon": {
+                    "running": True,
+                    "version": versions.package_version(),
+                    "status": "Not connected",
+                },
                 "root_daemon": {"running": False},
             }
         return self.session.status()

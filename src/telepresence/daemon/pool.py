@@ -17,11 +17,12 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from telepresence import __version__
+from telepresence import versions
 from telepresence.k8s.portforward import PortForward
 from telepresence.tunnel.endpoint import Buffers, StreamHandler, Tunnel, TunnelStream
 from telepresence.tunnel.frames import Dial
 from telepresence.tunnel.messages import (
+    INCOMPATIBLE,
     UNKNOWN_SESSION,
     Arrive,
     ArriveOk,
@@ -48,6 +49,11 @@ class PoolUnavailable(Exception):
     """No connection to the traffic manager right now."""
 
 
+class IncompatibleManager(Exception):
+    """The manager and this client share no protocol version; the message is the one line
+    for the user, naming the fix. Retrying cannot help."""
+
+
 class PortForwardTunnel:
     """A Tunnel over a port-forward WebSocket: a reader and a writer task."""
 
@@ -57,6 +63,7 @@ class PortForwardTunnel:
         *,
         on_control: Callable[[ControlMessage], None],
         on_closed: Callable[[PortForwardTunnel, str], None],
+        protocol: versions.ProtocolRange,
     ) -> None:
         self.pf = pf
         self._out: Buffers = []
@@ -65,6 +72,7 @@ class PortForwardTunnel:
         self._on_closed = on_closed
         self.tunnel = Tunnel(
             Role.CLIENT,
+            versions=protocol.as_tuple(),
             write=self._write,
             on_control=on_control,
             on_closed=lambda reason: on_closed(self, reason),
@@ -142,6 +150,7 @@ class PoolStatus:
     connections: int
     session_id: str
     manager_version: str
+    protocol: int
     reconnects: int
 
 
@@ -155,8 +164,12 @@ class ManagerPool:
         install_id: str,
         on_cluster_info: Callable[[ClusterInfo], None],
         heartbeat: float = HEARTBEAT,
+        version: str | None = None,
+        protocol: versions.ProtocolRange | None = None,
     ) -> None:
         self._open_forward = open_forward
+        self.version = version or versions.package_version()
+        self.protocol = protocol or versions.protocol_range()
         self.heartbeat = heartbeat
         self.size = size
         self.client_name = client_name
@@ -165,6 +178,8 @@ class ManagerPool:
         self.tunnels: list[PortForwardTunnel] = []
         self.session_id = ""
         self.manager_version = ""
+        # The protocol version agreed with the manager at the last Arrive.
+        self.agreed_protocol = 0
         self.reconnects = 0
         self._arrived: asyncio.Future[ArriveOk] | None = None
         self._first_info: asyncio.Future[ClusterInfo] | None = None
@@ -191,10 +206,26 @@ class ManagerPool:
         self._arrived = loop.create_future()
         self._first_info = loop.create_future()
         first = await self._connect()
-        first.tunnel.send_control(Arrive(self.client_name, self.install_id, __version__))
+        first.tunnel.send_control(
+            Arrive(
+                self.client_name,
+                self.install_id,
+                self.version,
+                protocol_min=self.protocol.min,
+                protocol_max=self.protocol.max,
+            )
+        )
         ok = await self._arrived
+        if not self.protocol.min <= ok.protocol <= self.protocol.max:
+            # Only a broken manager answers so; a manager that predates ranges says 1.
+            raise IncompatibleManager(
+                f"the Traffic Manager {ok.manager_version} chose tunnel protocol "
+                f"{ok.protocol}, which this client {self.version} does not speak "
+                f"({self.protocol}); run `{versions.UPGRADE_COMMAND}`"
+            )
         self.session_id = ok.session_id
         self.manager_version = ok.manager_version
+        self.agreed_protocol = ok.protocol
         info = await self._first_info
         while len(self.tunnels) < self.size:
             extra = await self._connect()
@@ -203,7 +234,12 @@ class ManagerPool:
 
     async def _connect(self) -> PortForwardTunnel:
         pf = await self._open_forward()
-        t = PortForwardTunnel(pf, on_control=self._on_control, on_closed=self._tunnel_closed)
+        t = PortForwardTunnel(
+            pf,
+            on_control=self._on_control,
+            on_closed=self._tunnel_closed,
+            protocol=self.protocol,
+        )
         self.tunnels.append(t)
         t.start(name=f"tunnel-{len(self.tunnels)}")
         return t
@@ -216,6 +252,12 @@ class ManagerPool:
         if UNKNOWN_SESSION in reason:
             # A new manager that never saw our session: every tunnel must arrive again.
             self._session_lost = True
+        if self._arrived is not None and not self._arrived.done():
+            # Closed before ArriveOk: fail the join now rather than at its timeout.
+            _, sep, why = reason.partition(INCOMPATIBLE)
+            self._arrived.set_exception(
+                IncompatibleManager(why) if sep else PoolUnavailable(reason)
+            )
         self._changed.set()
 
     async def _keep_full(self) -> None:
@@ -243,6 +285,10 @@ class ManagerPool:
                         extra = await self._connect()
                         extra.tunnel.send_control(Remain(self.session_id))
                     backoff = 0.2
+                except IncompatibleManager as e:
+                    # A teammate replaced the manager with one we cannot talk to.
+                    log.warning("cannot re-join the traffic manager: %s", e)
+                    await asyncio.sleep(5)
                 except Exception as e:
                     log.info("reconnecting to the traffic manager failed: %s", e)
                     for t in list(self.tunnels):
@@ -320,5 +366,6 @@ class ManagerPool:
             connections=len(self.tunnels),
             session_id=self.session_id,
             manager_version=self.manager_version,
+            protocol=self.agreed_protocol,
             reconnects=self.reconnects,
         )

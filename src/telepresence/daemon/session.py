@@ -20,18 +20,17 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
-from pathlib import Path
 from typing import Any, Literal
 
 import aiohttp
 import dns.message
 
-from telepresence import __version__, paths
+from telepresence import paths, versions
 from telepresence.daemon import nsswitch
 from telepresence.daemon.dialfailures import DialFailureLog
 from telepresence.daemon.dns import DnsServer
 from telepresence.daemon.dnsrules import NameRules
-from telepresence.daemon.pool import ManagerPool, PoolUnavailable
+from telepresence.daemon.pool import IncompatibleManager, ManagerPool, PoolUnavailable
 from telepresence.daemon.proxy import TransparentProxy
 from telepresence.daemon.udp import UdpRelay
 from telepresence.k8s import kubeconfig
@@ -47,6 +46,8 @@ from telepresence.k8s.install import ensure_manager, find_manager_pod
 from telepresence.k8s.manifests import DEFAULT_NAMESPACE, TUNNEL_PORT
 from telepresence.k8s.portforward import PortForward, portforward_hint
 from telepresence.netfilter.client import HelperClient, HelperError
+from telepresence.netfilter.resolvconf import RESOLV_CONF, ResolvConf, read_resolv_conf
+from telepresence.netfilter.subnets import parse_cidr_list, routed_subnets
 from telepresence.tunnel.messages import ClusterInfo
 
 log = logging.getLogger("telepresence.session")
@@ -54,9 +55,6 @@ log = logging.getLogger("telepresence.session")
 HELPER_COMMAND = "telepresence-helper"
 # Port-forward connections per session: enough to spread flows, few enough to be cheap.
 POOL_SIZE = 4
-# The socket mark on the daemon's own upstream DNS queries (ASCII "tp").
-DNS_MARK = 0x7470
-RESOLV_CONF = Path("/etc/resolv.conf")
 
 
 class ConnectError(Exception):
@@ -101,28 +99,6 @@ class ConnectRequest:
         )
 
 
-@dataclass(frozen=True)
-class ResolvConf:
-    nameservers: tuple[str, ...]
-    search: tuple[str, ...]
-
-    @classmethod
-    def parse(cls, text: str) -> ResolvConf:
-        nameservers: list[str] = []
-        search: list[str] = []
-        for line in text.splitlines():
-            parts = line.split()
-            if not parts or parts[0].startswith(("#", ";")):
-                continue
-            if parts[0] == "nameserver" and len(parts) > 1:
-                with contextlib.suppress(ValueError):
-                    if ipaddress.ip_address(parts[1]).version == 4:
-                        nameservers.append(parts[1])
-            elif parts[0] in ("search", "domain"):
-                search = parts[1:]
-        return cls(tuple(nameservers), tuple(search))
-
-
 def helper_command() -> list[str]:
     helper = shutil.which(HELPER_COMMAND)
     if helper is None:
@@ -163,11 +139,15 @@ class Session:
         self.tun_fd: int | None = None
         self.cluster_info: ClusterInfo | None = None
         self.routed: list[IPv4Network] = []
-        self.resolv = ResolvConf((), ())
+        self.resolv = ResolvConf()
+        self.api_server_ips: list[str] = []
         self.namespaces: frozenset[str] = frozenset()
         self.connected = False
         self.manager_namespace = request.manager_namespace or DEFAULT_NAMESPACE
         self.manager_pod = ""
+        # What this daemon reports and speaks (tests fake both through the environment).
+        self.version = versions.package_version()
+        self.protocol = versions.protocol_range()
         self.dns_port = 0
         self._ssl: ssl.SSLContext | None = None
         self.udp: UdpRelay | None = None
@@ -185,6 +165,8 @@ class Session:
         if self.request.env:
             # Exec credential plugins and KUBECONFIG come from the user's shell.
             os.environ.update(self.request.env)
+            self.version = versions.package_version()
+            self.protocol = versions.protocol_range()
         try:
             self.access = kubeconfig.load(
                 kubeconfig=self.request.kubeconfig,
@@ -209,6 +191,8 @@ class Session:
                 self.api,
                 namespace=self.manager_namespace,
                 image=self.request.manager_image,
+                version=self.version,
+                protocol=self.protocol,
                 dial_allow=self.request.manager_dial_allow,
                 dial_deny=self.request.manager_dial_deny,
                 progress=progress,
@@ -225,9 +209,15 @@ class Session:
             client_name=f"{getpass.getuser()}@{socket.gethostname()}",
             install_id=_install_id(),
             on_cluster_info=self._on_cluster_info,
+            version=self.version,
+            protocol=self.protocol,
         )
         try:
             self.cluster_info = await self.pool.start(timeout=60)
+        except IncompatibleManager as e:
+            # The manager's own verdict at Arrive (the Deployment's annotations agreed, or
+            # the manager was replaced since): one line, naming the fix.
+            raise ConnectError(str(e)) from e
         except Forbidden as e:
             # RBAC decides who may use the manager; the message names the grant to ask for.
             raise ConnectError(str(e)) from e
@@ -237,11 +227,8 @@ class Session:
                 f"`kubectl -n {self.manager_namespace} logs deploy/traffic-manager`"
             ) from e
 
-        self.resolv = (
-            ResolvConf.parse(RESOLV_CONF.read_text())
-            if RESOLV_CONF.exists()
-            else ResolvConf((), ())
-        )
+        # The same parser the helper uses to pick the nameservers it redirects.
+        self.resolv = read_resolv_conf(RESOLV_CONF)
         await self._load_namespaces()
         self.proxy = TransparentProxy(self.pool, dial_log=self.dial_log)
         proxy_port = await self.proxy.start()
@@ -269,14 +256,13 @@ class Session:
                     f"allow `sudo {shutil.which(HELPER_COMMAND)}` for your user"
                 ) from e
             raise ConnectError(f"the network helper failed to start: {e}") from e
+        self.api_server_ips = api_server_addresses(access.server)
         try:
             result = await self.helper.setup(
                 subnets=self._cluster_subnets(),
                 dns_redirect_port=self.dns_port,
                 proxy_port=proxy_port,
-                mark=DNS_MARK,
-                dns_nameservers=self.resolv.nameservers,
-                api_server_ips=api_server_addresses(access.server),
+                api_server_ips=self.api_server_ips,
                 never_proxy=self.request.never_proxy,
                 allow_conflicting_subnets=self.request.allow_conflicting_subnets,
             )
@@ -382,10 +368,20 @@ class Session:
         )
 
     def _cluster_subnets(self) -> list[str]:
+        """What to ask the helper to route: it refuses subnets that cover the API
+        server (or loopback), so the holes are made here."""
         info = self.cluster_info
-        if info is None:
-            return list(self.request.also_proxy)
-        return [*info.service_subnets, *info.pod_subnets, *self.request.also_proxy]
+        wanted = [*info.service_subnets, *info.pod_subnets] if info else []
+        try:
+            nets = routed_subnets(
+                service_cidrs=parse_cidr_list(",".join([*wanted, *self.request.also_proxy])),
+                pod_cidrs=(),
+                never_proxy=parse_cidr_list(",".join(self.request.never_proxy)),
+                api_server_ips=[ipaddress.ip_address(a) for a in self.api_server_ips],
+            )
+        except ValueError as e:
+            raise ConnectError(f"invalid subnet: {e}") from e
+        return [str(n) for n in nets]
 
     async def _route_answer(self, addresses: list[IPv4Address]) -> None:
         """Addresses that the cluster's DNS gave (ExternalName targets, selector-less
@@ -431,7 +427,7 @@ class Session:
             assert self.helper is not None
             try:
                 self.routed = await self.helper.update_subnets(self._cluster_subnets())
-            except HelperError as e:
+            except (HelperError, ConnectError) as e:
                 log.warning("updating routed subnets failed: %s", e)
 
     async def _cluster_lookup(self, name: str, qtype: int) -> dns.message.Message | None:
@@ -471,7 +467,7 @@ class Session:
         return {
             "root_daemon": {
                 "running": self.helper is not None,
-                "version": __version__,
+                "version": self.version,
                 "dns": {
                     "hook": "nftables redirect of the laptop's nameservers (no file edited)",
                     "local_address": f"127.0.0.1:{self.dns_port}",
@@ -486,13 +482,19 @@ class Session:
             },
             "user_daemon": {
                 "running": True,
-                "version": __version__,
+                "version": self.version,
                 "status": state,
                 "kubernetes_server": access.server if access else "",
                 "kubernetes_context": access.context if access else "",
                 "manager_namespace": self.manager_namespace,
                 "manager_pod": self.manager_pod,
                 "manager_version": pool.manager_version if pool else "",
+                # How the manager compares with this client, for `status` to print as is.
+                "manager": versions.describe_manager(
+                    manager_version=pool.manager_version if pool else "",
+                    client_version=self.version,
+                ),
+                "tunnel_protocol": pool.protocol if pool else 0,
                 "tunnel_connections": pool.connections if pool else 0,
                 "udp_flows": len(self.udp.flows) if self.udp else 0,
                 "reconnects": pool.reconnects if pool else 0,

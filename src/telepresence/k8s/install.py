@@ -1,9 +1,11 @@
-"""Installing, upgrading and finding the traffic manager.
+"""Installing, upgrading, finding and uninstalling the traffic manager.
 
-`connect` calls :func:`ensure_manager`: a manager of our version that is already serving
-costs one GET and one LIST; anything else is a server-side apply of every object (which
-makes install and upgrade one code path), after a dry run of the same apply, so that a
-user who lacks a permission learns it before anything has been changed in the cluster.
+`connect` calls :func:`ensure_manager`: a manager that is already serving and that
+`installplan.plan` keeps costs one GET and one LIST; anything else is a server-side apply
+of every object (which makes install and upgrade one code path), after a dry run of the
+same apply, so that a user who lacks a permission learns it before anything has been
+changed in the cluster. `telepresence manager upgrade` is the same call, asked to upgrade;
+`telepresence manager uninstall` is :func:`uninstall_manager`.
 """
 
 from __future__ import annotations
@@ -13,8 +15,8 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
-from telepresence import __version__
-from telepresence.k8s import manifests
+from telepresence import versions
+from telepresence.k8s import installplan, manifests
 from telepresence.k8s.api import (
     Forbidden,
     KubeApi,
@@ -22,11 +24,14 @@ from telepresence.k8s.api import (
     NotFound,
     Obj,
     is_ready,
+    object_path,
     resource_path,
     wait_until,
 )
+from telepresence.k8s.installplan import Action, Installed, Relation, Wanted
 from telepresence.manager import config
 from telepresence.manager.dialpolicy import format_networks
+from telepresence.versions import LEGACY_PROTOCOL, ProtocolRange
 
 log = logging.getLogger(__name__)
 
@@ -45,12 +50,20 @@ class InstallError(KubeError):
     """The manager was applied but does not serve; the message says why and what to do."""
 
 
+class IncompatibleManager(KubeError):
+    """The installed manager is one this client must not use or replace on its own (no
+    protocol in common, or no readable version); the message names the fix."""
+
+
 @dataclass(frozen=True, kw_only=True)
 class ManagerInfo:
     pod_name: str
     pod_ip: str
     version: str
     upgraded: bool = False
+    #: The manager's package version against this client's: a Relation's value (a
+    #: string, so the info stays plain data).
+    relation: str = Relation.SAME.value
 
 
 def _deployment_path(namespace: str) -> str:
@@ -129,77 +142,187 @@ async def find_manager_pod(api: KubeApi, namespace: str) -> ManagerInfo | None:
     return None if pod is None else _info(pod)
 
 
+def installed_of(deployment: Obj) -> Installed:
+    """What the installer needs to know of an installed manager's Deployment."""
+    annotations = deployment.get("metadata", {}).get("annotations") or {}
+    protocol_text = annotations.get(manifests.PROTOCOL_ANNOTATION)
+    try:
+        protocol: ProtocolRange | None = (
+            LEGACY_PROTOCOL if protocol_text is None else ProtocolRange.parse(str(protocol_text))
+        )
+    except ValueError:
+        protocol = None
+    return Installed(
+        version=_version_of(deployment),
+        protocol=protocol,
+        image=_image_of(deployment),
+        dial=_dial_env_of(deployment),
+    )
+
+
 async def ensure_manager(
     api: KubeApi,
     *,
     namespace: str = manifests.DEFAULT_NAMESPACE,
     image: str | None = None,
-    version: str = __version__,
+    version: str | None = None,
+    protocol: ProtocolRange | None = None,
     dial_allow: Sequence[str] | None = None,
     dial_deny: Sequence[str] | None = None,
+    upgrade: bool = False,
     progress: Callable[[str], None] = lambda _: None,
     timeout: float = 120,
 ) -> ManagerInfo:
-    """A serving traffic manager of ``version`` running ``image``: the one already there,
-    or one installed or upgraded now. Raises :class:`Forbidden` (naming the missing
-    permission and how an admin can install instead) or :class:`InstallError`.
+    """A serving traffic manager this client can talk to: the one already there, or ours,
+    installed now. What happens to an installed one is :func:`installplan.plan`'s call:
+    never a downgrade, an upgrade only when ``upgrade`` (`telepresence manager upgrade`).
+    Raises :class:`IncompatibleManager` (a manager this client cannot use),
+    :class:`Forbidden` (naming the missing permission and how an admin can install
+    instead) or :class:`InstallError`.
 
-    ``dial_allow``/``dial_deny`` (the user's config) re-apply a manager whose dial policy
-    differs; left None, they leave an installed manager's policy alone (an admin may have
-    set it) and install the defaults."""
-    image = image or manifests.default_image(version)
+    ``image`` is an explicit choice (flag or config); None means our default image, which
+    does not replace another image on a manager of our version (an admin's mirror).
+    ``dial_allow``/``dial_deny`` (the user's config) re-apply a manager of our version
+    whose dial policy differs; left None, they leave an installed manager's policy alone
+    (an admin may have set it) and install the defaults."""
+    version = version or versions.package_version()
+    protocol = protocol or versions.protocol_range()
+    wanted_image = image or manifests.default_image()
+    wanted_dial = (
+        None
+        if dial_allow is None and dial_deny is None
+        else (format_networks(dial_allow or ()), format_networks(dial_deny or ()))
+    )
     try:
         try:
             current: Obj | None = await api.get(_deployment_path(namespace))
         except NotFound:
             current = None
-        installed = None if current is None else (_version_of(current), _image_of(current))
-        wanted_dial = (
-            None
-            if dial_allow is None and dial_deny is None
-            else (format_networks(dial_allow or ()), format_networks(dial_deny or ()))
+        installed = None if current is None else installed_of(current)
+        decision = installplan.plan(
+            installed,
+            Wanted(
+                version=version,
+                protocol=protocol,
+                image=wanted_image,
+                image_explicit=image is not None,
+                dial=wanted_dial,
+                upgrade=upgrade,
+            ),
         )
-        dial_differs = (
-            current is not None and wanted_dial is not None and _dial_env_of(current) != wanted_dial
-        )
-        if installed == (version, image) and not dial_differs:
+        if decision.action is Action.REFUSE:
+            raise IncompatibleManager(decision.message)
+        if decision.message:
+            progress(decision.message)
+        if decision.action is Action.KEEP:
+            assert installed is not None
             found = await find_manager_pod(api, namespace)
-            if found is not None and found.version == version:
-                return found
+            if found is not None and found.version == installed.version:
+                return replace(found, relation=decision.relation.value)
+            # Rolling out, or its pod is gone: wait for the installed template's pod.
+            wait_for: tuple[str, str, tuple[str, str] | None] = (
+                installed.version,
+                installed.image,
+                None,
+            )
         else:
-            if installed is None:
-                progress("Installing Traffic Manager")
-            elif installed[0] != version:
-                progress(f"Upgrading Traffic Manager from {installed[0]} to {version}")
-            elif installed[1] != image:
-                progress(f"Updating Traffic Manager image to {image}")
-            else:
-                progress("Updating Traffic Manager dial policy")
             objects = manifests.manager_objects(
                 namespace=namespace,
-                image=image,
+                image=wanted_image,
                 version=version,
+                protocol=protocol,
                 dial_allow=dial_allow or (),
                 dial_deny=dial_deny or (),
+                owns_namespace=await _owns_namespace(api, namespace),
+                extra_env=versions.overrides_in_effect(),
             )
             await _dry_run(api, objects)
             for obj in objects:
                 await api.apply(obj)
             if installed is not None:
                 await _delete_obsolete(api, namespace)
+            wait_for = (version, wanted_image, wanted_dial)
         progress("Waiting for Traffic Manager")
         info = await _wait_ready(
             api,
             namespace=namespace,
-            image=image,
-            version=version,
-            dial=wanted_dial,
+            version=wait_for[0],
+            image=wait_for[1],
+            dial=wait_for[2],
             timeout=timeout,
         )
     except Forbidden as e:
         raise e.with_hint(INSTALL_HINT) from e
-    upgraded = installed is not None and (installed != (version, image) or dial_differs)
-    return replace(info, upgraded=upgraded)
+    upgraded = decision.action in (Action.UPGRADE, Action.REAPPLY)
+    # Whatever was applied is ours: the same version as this client.
+    applied = decision.action is not Action.KEEP
+    relation = Relation.SAME if applied else decision.relation
+    return replace(info, upgraded=upgraded, relation=relation.value)
+
+
+async def _owns_namespace(api: KubeApi, namespace: str) -> bool:
+    """Whether the namespace is ours to delete on uninstall: missing now (the apply
+    creates it), or created by an earlier install. Unknown (we may not read it) is no."""
+    try:
+        obj = await api.get(resource_path("v1", "namespaces", name=namespace))
+    except NotFound:
+        return True
+    except KubeError:
+        return False
+    annotations = obj.get("metadata", {}).get("annotations") or {}
+    return annotations.get(manifests.CREATED_NAMESPACE_ANNOTATION) == "true"
+
+
+async def uninstall_manager(
+    api: KubeApi,
+    *,
+    namespace: str = manifests.DEFAULT_NAMESPACE,
+    progress: Callable[[str], None] = lambda _: None,
+    timeout: float = 120,
+    poll: float = 1.0,
+) -> list[str]:
+    """Deletes what `connect` installed, in :func:`manifests.uninstall_objects`'s order,
+    and waits until the manager's pods (and the namespace, when it was ours) are gone, so
+    that a `connect` right after installs afresh instead of meeting a terminating
+    namespace. Returns what was deleted, as ``kind/name``; empty when nothing was there.
+    Raises :class:`Forbidden` naming the missing permission."""
+    owned = False
+    try:
+        ns = await api.get(resource_path("v1", "namespaces", name=namespace))
+        annotations = ns.get("metadata", {}).get("annotations") or {}
+        owned = annotations.get(manifests.CREATED_NAMESPACE_ANNOTATION) == "true"
+    except NotFound:
+        pass
+    removed: list[str] = []
+    for ref in manifests.uninstall_objects(namespace, delete_namespace=owned):
+        if await api.delete(object_path(ref)) is not None:
+            removed.append(f"{ref['kind'].lower()}/{ref['metadata']['name']}")
+            progress(f"Deleted {removed[-1]}")
+    if not removed:
+        return removed
+    progress("Waiting for the Traffic Manager to be gone")
+    try:
+        async with asyncio.timeout(timeout):
+            while await _left_behind(api, namespace, namespace_too=owned):
+                await asyncio.sleep(poll)
+    except TimeoutError:
+        raise InstallError(
+            f"the Traffic Manager's objects were deleted but its pods (or namespace "
+            f"{namespace}) were still there after {timeout:g}s; see "
+            f"`kubectl -n {namespace} get pods`"
+        ) from None
+    return removed
+
+
+async def _left_behind(api: KubeApi, namespace: str, *, namespace_too: bool) -> bool:
+    if namespace_too:
+        try:
+            await api.get(resource_path("v1", "namespaces", name=namespace))
+        except NotFound:
+            return False
+        return True
+    listing = await api.list(_pods_path(namespace), label_selector=manifests.SELECTOR)
+    return bool(listing.get("items"))
 
 
 #: Objects earlier versions installed and this one does not: the manager's Service, from

@@ -26,6 +26,7 @@ import yaml
 from telepresence import __version__
 from telepresence.manager import config
 from telepresence.manager.dialpolicy import format_networks
+from telepresence.versions import ProtocolRange, protocol_range
 
 Obj = dict[str, Any]
 
@@ -36,6 +37,12 @@ SELECTOR = "app=traffic-manager"
 #: The manager's version: on the Deployment and its pod template. An annotation, because
 #: a version such as ``1.0.0+dev`` is not a valid label value.
 VERSION_ANNOTATION = "telepresence-py/version"
+#: The tunnel protocol versions the manager speaks ("1" or "1-2"): a client decides from
+#: the Deployment alone whether it can talk to the manager, before any port-forward.
+PROTOCOL_ANNOTATION = "telepresence-py/protocol"
+#: On the namespace, when `connect` created it: `telepresence manager uninstall` deletes
+#: only a namespace that carries it, never one an admin made.
+CREATED_NAMESPACE_ANNOTATION = "telepresence-py/created-namespace"
 TUNNEL_PORT = config.TUNNEL_PORT
 HEALTH_PORT = config.HEALTH_PORT
 #: The uid the image's USER is; "restricted" needs non-root, and a numeric uid lets the
@@ -72,7 +79,10 @@ def _meta(
     return meta
 
 
-def namespace_object(namespace: str) -> Obj:
+def namespace_object(namespace: str, *, owned: bool = False) -> Obj:
+    """``owned``: this installer created the namespace (or created it before), so
+    uninstall may delete it. Every apply must say so again, or server-side apply would
+    drop the annotation it set earlier."""
     return {
         "apiVersion": "v1",
         "kind": "Namespace",
@@ -82,6 +92,7 @@ def namespace_object(namespace: str) -> Obj:
                 "pod-security.kubernetes.io/enforce": "restricted",
                 "pod-security.kubernetes.io/enforce-version": "latest",
             },
+            annotations={CREATED_NAMESPACE_ANNOTATION: "true"} if owned else None,
         ),
     }
 
@@ -170,14 +181,22 @@ def _health_probe(*, period: int, failures: int) -> Obj:
     }
 
 
-def manager_env(*, dial_allow: Sequence[str] = (), dial_deny: Sequence[str] = ()) -> list[Obj]:
+def manager_env(
+    *,
+    dial_allow: Sequence[str] = (),
+    dial_deny: Sequence[str] = (),
+    extra: dict[str, str] | None = None,
+) -> list[Obj]:
     """The manager container's environment. The dial lists are always present, empty by
-    default, so an admin reading the YAML sees where to change them."""
+    default, so an admin reading the YAML sees where to change them. ``extra``: the
+    test-only version overrides of a faked client, so the manager it installs is faked
+    the same way (see `telepresence.versions`)."""
     return [
         _field_env("POD_NAME", "metadata.name"),
         _field_env("POD_NAMESPACE", "metadata.namespace"),
         {"name": config.DIAL_ALLOW_ENV, "value": format_networks(dial_allow)},
         {"name": config.DIAL_DENY_ENV, "value": format_networks(dial_deny)},
+        *({"name": k, "value": v} for k, v in sorted((extra or {}).items())),
     ]
 
 
@@ -186,10 +205,15 @@ def deployment(
     *,
     image: str,
     version: str,
+    protocol: ProtocolRange | None = None,
     dial_allow: Sequence[str] = (),
     dial_deny: Sequence[str] = (),
+    extra_env: dict[str, str] | None = None,
 ) -> Obj:
-    annotations = {VERSION_ANNOTATION: version}
+    annotations = {
+        VERSION_ANNOTATION: version,
+        PROTOCOL_ANNOTATION: str(protocol or protocol_range()),
+    }
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -216,7 +240,9 @@ def deployment(
                             "ports": [
                                 {"name": "health", "containerPort": HEALTH_PORT, "protocol": "TCP"},
                             ],
-                            "env": manager_env(dial_allow=dial_allow, dial_deny=dial_deny),
+                            "env": manager_env(
+                                dial_allow=dial_allow, dial_deny=dial_deny, extra=extra_env
+                            ),
                             "securityContext": _restricted_security_context(),
                             # Ready once the tunnel listens; `connect` waits for it.
                             "readinessProbe": _health_probe(period=2, failures=3),
@@ -241,13 +267,17 @@ def manager_objects(
     namespace: str = DEFAULT_NAMESPACE,
     image: str | None = None,
     version: str = __version__,
+    protocol: ProtocolRange | None = None,
     dial_allow: Sequence[str] = (),
     dial_deny: Sequence[str] = (),
+    owns_namespace: bool = False,
+    extra_env: dict[str, str] | None = None,
 ) -> list[Obj]:
     """Every object, in the order to apply them: the namespace and RBAC before the pod
-    that needs them."""
+    that needs them. ``image`` defaults to the image of *this code's* version, whatever
+    ``version`` reports (a test may fake the version, not the code it runs)."""
     return [
-        namespace_object(namespace),
+        namespace_object(namespace, owned=owns_namespace),
         service_account(namespace),
         cluster_role(namespace),
         cluster_role_binding(namespace),
@@ -255,12 +285,44 @@ def manager_objects(
         role_binding(namespace),
         deployment(
             namespace,
-            image=image or default_image(version),
+            image=image or default_image(),
             version=version,
+            protocol=protocol,
             dial_allow=dial_allow,
             dial_deny=dial_deny,
+            extra_env=extra_env,
         ),
     ]
+
+
+def _ref(api_version: str, kind: str, name: str, namespace: str | None = None) -> Obj:
+    meta: Obj = {"name": name}
+    if namespace is not None:
+        meta["namespace"] = namespace
+    return {"apiVersion": api_version, "kind": kind, "metadata": meta}
+
+
+def uninstall_objects(namespace: str, *, delete_namespace: bool) -> list[Obj]:
+    """What `telepresence manager uninstall` deletes, in order, as references (apiVersion,
+    kind, name, namespace). The Deployment goes first, so the manager stops before its
+    permissions do; then the Service earlier versions installed; the bindings before
+    the roles they grant; the cluster-scoped objects by their namespaced names, so another
+    namespace's manager keeps its own; the namespace last, and only when the installer
+    created it (deleting it would take everything else in it too)."""
+    rbac = "rbac.authorization.k8s.io/v1"
+    cluster_name = cluster_role_name(namespace)
+    refs = [
+        _ref("apps/v1", "Deployment", NAME, namespace),
+        _ref("v1", "Service", NAME, namespace),
+        _ref(rbac, "RoleBinding", NAME, namespace),
+        _ref(rbac, "Role", NAME, namespace),
+        _ref("v1", "ServiceAccount", NAME, namespace),
+        _ref(rbac, "ClusterRoleBinding", cluster_name),
+        _ref(rbac, "ClusterRole", cluster_name),
+    ]
+    if delete_namespace:
+        refs.append(_ref("v1", "Namespace", namespace))
+    return refs
 
 
 def to_yaml(objects: list[Obj]) -> str:

@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-from telepresence import __version__
+from telepresence import versions
 from telepresence.manager.config import HEALTH_HOST, HEALTH_PORT, TUNNEL_HOST, TUNNEL_PORT
 from telepresence.manager.dialpolicy import DialPolicy, DialPolicyError
 from telepresence.manager.health import HealthServer
@@ -27,6 +27,7 @@ from telepresence.tunnel.endpoint import Buffers, Tunnel, TunnelStream
 from telepresence.tunnel.flows import SocketFlow
 from telepresence.tunnel.frames import Dial, DialError, IPProtocol
 from telepresence.tunnel.messages import (
+    INCOMPATIBLE,
     UNKNOWN_SESSION,
     Arrive,
     ArriveOk,
@@ -58,6 +59,9 @@ class Session:
     install_id: str
     last_seen: float
     tunnels: set[TunnelConnection] = field(default_factory=set)
+    client_version: str = ""
+    #: The tunnel protocol version agreed at Arrive; every tunnel of the session uses it.
+    protocol: int = 1
 
 
 class TunnelConnection(asyncio.Protocol):
@@ -75,6 +79,7 @@ class TunnelConnection(asyncio.Protocol):
         self.transport = transport
         self.tunnel = Tunnel(
             Role.SERVER,
+            versions=self.manager.protocol.as_tuple(),
             write=self._write,
             on_open=self._on_open,
             on_control=self._on_control,
@@ -122,8 +127,15 @@ class TunnelConnection(asyncio.Protocol):
         assert self.tunnel is not None
         m = self.manager
         if isinstance(message, Arrive):
-            self.session = m.arrive(message, self)
-            self.tunnel.send_control(ArriveOk(self.session.id, __version__))
+            try:
+                self.session = m.arrive(message, self)
+            except versions.IncompatibleVersions as e:
+                log.info("refusing %s (client %s): %s", message.name, message.version, e)
+                self.close(f"{INCOMPATIBLE}{e}")
+                return
+            self.tunnel.send_control(
+                ArriveOk(self.session.id, m.version, protocol=self.session.protocol)
+            )
             if m.cluster_info is not None:
                 self.tunnel.send_control(m.cluster_info)
         elif isinstance(message, Remain):
@@ -279,8 +291,13 @@ class Manager:
         dns_lookup: DnsLookupFn,
         dial_policy: DialPolicy | None = None,
         session_ttl: float = SESSION_TTL,
+        version: str | None = None,
+        protocol: versions.ProtocolRange | None = None,
     ) -> None:
         self.dns_lookup = dns_lookup
+        # What this manager reports and speaks; tests fake both through the environment.
+        self.version = version or versions.package_version()
+        self.protocol = protocol or versions.protocol_range()
         # Without an explicit policy, the defaults: a manager is never an open relay.
         self.dial_policy = dial_policy if dial_policy is not None else DialPolicy()
         self.session_ttl = session_ttl
@@ -289,16 +306,34 @@ class Manager:
         self.connections: set[TunnelConnection] = set()
 
     def arrive(self, message: Arrive, conn: TunnelConnection) -> Session:
+        """A new session, at the highest protocol version both sides speak. Raises
+        IncompatibleVersions (worded for the laptop's user) when they share none."""
+        try:
+            client = versions.ProtocolRange(message.protocol_min, message.protocol_max)
+        except ValueError as e:
+            raise versions.IncompatibleVersions(f"the client sent {e}") from None
+        protocol = versions.negotiate(
+            client=client,
+            manager=self.protocol,
+            client_version=message.version,
+            manager_version=self.version,
+        )
         session = Session(
             id=uuid.uuid4().hex,
             name=message.name,
             install_id=message.install_id,
             last_seen=time.monotonic(),
             tunnels={conn},
+            client_version=message.version,
+            protocol=protocol,
         )
         self.sessions[session.id] = session
         log.info(
-            "session %s arrived from %s (client %s)", session.id, message.name, message.version
+            "session %s arrived from %s (client %s, protocol %d)",
+            session.id,
+            message.name,
+            message.version,
+            protocol,
         )
         return session
 
@@ -349,8 +384,9 @@ async def serve(*, tunnel_port: int, health_port: int, dial_policy: DialPolicy) 
         asyncio.create_task(cluster_info_source(manager.set_cluster_info), name="cluster-info"),
     ]
     log.info(
-        "traffic manager %s: tunnel on %s:%d, health on %s:%d",
-        __version__,
+        "traffic manager %s (protocol %s): tunnel on %s:%d, health on %s:%d",
+        manager.version,
+        manager.protocol,
         TUNNEL_HOST,
         tunnel_port,
         HEALTH_HOST,

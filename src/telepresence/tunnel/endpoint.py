@@ -187,8 +187,15 @@ class Tunnel:
         on_control: Callable[[ControlMessage], None] | None = None,
         on_closed: Callable[[str], None] | None = None,
         initial_window: int | None = None,
+        versions: tuple[int, int] | None = None,
     ) -> None:
-        self.conn = ProtocolConnection(role, initial_window=initial_window or STREAM_WINDOW)
+        self.conn = (
+            ProtocolConnection(role, initial_window=initial_window or STREAM_WINDOW)
+            if versions is None
+            else ProtocolConnection(
+                role, initial_window=initial_window or STREAM_WINDOW, versions=versions
+            )
+        )
         self._write = write
         self._on_open = on_open
         self._on_control = on_control

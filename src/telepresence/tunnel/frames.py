@@ -19,11 +19,15 @@ MAGIC = b"\xfeTPX"
 that lands on the wrong container port is diagnosed at the first bytes."""
 
 VERSION = 1
-"""Bumped for any change a version-1 peer could not parse; peers must match exactly."""
+"""The highest protocol version this code speaks; a new one for any change a peer of the
+previous version could not parse."""
+MIN_VERSION = 1
+"""The lowest version this code still speaks. Peers agree on the highest version in both
+ranges when the laptop arrives (docs/protocol.md, *Versioning*)."""
 
 PREFACE = struct.Struct(">4sHI")
-"""magic, version, initial window. The first six bytes keep this layout in every
-version, so a mismatch is always reported as such and never as garbage."""
+"""magic, the sender's lowest version, initial window. The first six bytes keep this
+layout in every version, so a mismatch is always reported as such and never as garbage."""
 PREFACE_VERSION_END = 6
 
 HEADER = struct.Struct(">BBII")

@@ -16,16 +16,24 @@ import msgspec
 
 class Arrive(msgspec.Struct, frozen=True, tag="arrive"):
     """First message of a session; the install id lets the manager recognise a laptop
-    that reconnects after a network change."""
+    that reconnects after a network change. ``protocol_min``/``protocol_max`` are the
+    tunnel protocol versions the laptop speaks; they default to 1, which is what a laptop
+    that predates version ranges (and does not send them) speaks."""
 
     name: str
     install_id: str
     version: str
+    protocol_min: int = 1
+    protocol_max: int = 1
 
 
 class ArriveOk(msgspec.Struct, frozen=True, tag="arrive-ok"):
+    """``protocol`` is the version the manager chose for the session: the highest in both
+    ranges. A manager that predates ranges does not send it, and spoke 1."""
+
     session_id: str
     manager_version: str
+    protocol: int = 1
 
 
 class Remain(msgspec.Struct, frozen=True, tag="remain"):
@@ -72,6 +80,9 @@ class DnsAnswer(msgspec.Struct, frozen=True, tag="dns-answer"):
 # The GOAWAY reason a manager gives for a session it does not know (it restarted, or the
 # session expired): the laptop must arrive again on every tunnel.
 UNKNOWN_SESSION = "unknown session"
+# Starts the GOAWAY reason a manager gives a laptop whose protocol range it shares no
+# version with; the rest of the reason is the one line to show the user.
+INCOMPATIBLE = "incompatible versions: "
 
 ControlMessage = Arrive | ArriveOk | Remain | Depart | ClusterInfo | DnsLookup | DnsAnswer
 

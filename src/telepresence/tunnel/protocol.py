@@ -30,6 +30,7 @@ from telepresence.tunnel.frames import (
     MAX_STREAM_ID,
     MAX_WINDOW,
     MIN_INITIAL_WINDOW,
+    MIN_VERSION,
     PREFACE,
     PREFACE_VERSION_END,
     VERSION,
@@ -284,13 +285,25 @@ class Connection:
     the preface is already queued.
     """
 
-    def __init__(self, role: Role, *, initial_window: int = DEFAULT_INITIAL_WINDOW) -> None:
+    def __init__(
+        self,
+        role: Role,
+        *,
+        initial_window: int = DEFAULT_INITIAL_WINDOW,
+        versions: tuple[int, int] = (MIN_VERSION, VERSION),
+    ) -> None:
+        """``versions`` is the range of protocol versions this side speaks. The preface
+        announces its lowest, which is all a peer that predates ranges can check; the
+        version actually used is agreed later, in Arrive/ArriveOk."""
         if not MIN_INITIAL_WINDOW <= initial_window <= MAX_WINDOW:
             raise ValueError(
                 f"initial_window must be within [{MIN_INITIAL_WINDOW}, {MAX_WINDOW}],"
                 f" got {initial_window}"
             )
+        if not 1 <= versions[0] <= versions[1] <= 0xFFFF:
+            raise ValueError(f"invalid protocol version range {versions}")
         self.role = role
+        self.versions = versions
         self.state = ConnectionState.HANDSHAKING
         self._initial_window = initial_window
         # A quarter keeps the sender streaming (three quarters of the window are always
@@ -300,7 +313,7 @@ class Connection:
         self._streams: dict[int, _Stream] = {}
         self._next_local_id = 1 if role is Role.CLIENT else 2
         self._last_peer_id = 0
-        self._out: list[bytes | memoryview] = [PREFACE.pack(MAGIC, VERSION, initial_window)]
+        self._out: list[bytes | memoryview] = [PREFACE.pack(MAGIC, versions[0], initial_window)]
         # Receive side: `_head` holds a partial preface or frame header; `_frame` is the
         # parsed header whose payload is still being collected as `_pieces`.
         self._head = bytearray()
@@ -404,12 +417,16 @@ class Connection:
                 f"peer does not speak the tunnel protocol: it sent {bytes(head)!r}",
             )
         if len(head) >= PREFACE_VERSION_END:
+            # The peer's lowest version: above our highest, no version can be agreed.
+            # Below our lowest, the peer may still speak ours; Arrive/ArriveOk decide.
             version = int.from_bytes(head[len(MAGIC) : PREFACE_VERSION_END], "big")
-            if version != VERSION:
+            if version > self.versions[1]:
+                low, high = self.versions
+                ours = f"version {high}" if low == high else f"versions {low}-{high}"
                 raise ProtocolError(
                     ErrorCode.PROTOCOL_ERROR,
                     f"incompatible tunnel protocol: peer speaks version {version},"
-                    f" this side speaks version {VERSION}",
+                    f" this side speaks {ours}",
                 )
         if len(head) < PREFACE.size:
             return take
