@@ -365,13 +365,11 @@ def create_cgroup_root() -> None:
 
 
 def _hierarchies() -> list[Path]:
+    """Every mounted hierarchy: the v1 controllers, and the hybrid host's v2 `unified`
+    one, where runc also places containers."""
     if not CGROUP_FS.exists():
         return []
-    return [
-        p
-        for p in sorted(CGROUP_FS.iterdir())
-        if p.is_dir() and (p / "cgroup.procs").exists() and p.name != "unified"
-    ]
+    return [p for p in sorted(CGROUP_FS.iterdir()) if p.is_dir() and (p / "cgroup.procs").exists()]
 
 
 def _cgroup_pids() -> set[int]:
