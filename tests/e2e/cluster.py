@@ -17,6 +17,30 @@ from devcluster.settings import Settings
 T = TypeVar("T")
 
 
+# The start of a script that joins the traffic manager as a tunnel-level client (what anyone
+# allowed to port-forward to it could run), without the daemon: `await open_pool(name)`
+# returns a started ManagerPool; the script's own main follows.
+POOL_CLIENT = r"""
+import asyncio, json, sys
+import aiohttp
+from telepresence.daemon.pool import ManagerPool
+from telepresence.k8s import kubeconfig
+from telepresence.k8s.api import KubeApi
+from telepresence.k8s.install import find_manager_pod
+from telepresence.k8s.portforward import PortForward
+
+async def open_pool(api, http, access, name):
+    async def open_forward():
+        info = await find_manager_pod(api, "ambassador")
+        return await PortForward.open(http, access, namespace="ambassador",
+                                      pod=info.pod_name, port=8081)
+    pool = ManagerPool(open_forward=open_forward, size=1, client_name=name,
+                       install_id=name, on_cluster_info=lambda _: None)
+    await pool.start()
+    return pool
+"""
+
+
 def wait_for(
     check: Callable[[], T | None], *, timeout: float, what: str, interval: float = 0.1
 ) -> T:
@@ -128,6 +152,32 @@ class Cluster:
             f"--timeout={timeout}s",
             timeout=timeout + 10,
         )
+
+    def token_kubeconfig(self, token: str, *, name: str, namespace: str | None = None) -> str:
+        """A kubeconfig in the laptop user's home for a bearer token (a ServiceAccount's),
+        as a developer with limited rights would have; returns its path."""
+        context: dict[str, str] = {"cluster": "dc", "user": "dev"}
+        if namespace:
+            context["namespace"] = namespace
+        config = {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "current-context": name,
+            "clusters": [
+                {
+                    "name": "dc",
+                    "cluster": {
+                        "server": self.settings.addresses.api_url,
+                        "insecure-skip-tls-verify": True,
+                    },
+                }
+            ],
+            "users": [{"name": "dev", "user": {"token": token}}],
+            "contexts": [{"name": name, "context": context}],
+        }
+        path = f"/home/tpuser/{name}.kubeconfig"
+        self.laptop("sh", "-c", f"cat > {path}", input=json.dumps(config))
+        return path
 
     def container_pids(self, pod: dict[str, Any]) -> list[int]:
         """Processes of a pod's app containers, found from the host through the kubelet's

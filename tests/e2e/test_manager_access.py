@@ -6,22 +6,16 @@ from __future__ import annotations
 
 import json
 
-from tests.e2e.cluster import Cluster, wait_for
+from tests.e2e.cluster import POOL_CLIENT, Cluster, wait_for
 from tests.e2e.test_outbound import connect, curl, quit_
 
 NS = "ambassador"
 VENV_PYTHON = "/opt/telepresence-dev/venv/bin/python"
 
-# A client at the tunnel level (what anyone allowed to port-forward to the manager could run):
-# it asks the manager to dial each address:port given and prints what the manager answered.
-RAW_DIALS = r"""
-import asyncio, json, sys
-import aiohttp
-from telepresence.daemon.pool import ManagerPool
-from telepresence.k8s import kubeconfig
-from telepresence.k8s.api import KubeApi
-from telepresence.k8s.install import find_manager_pod
-from telepresence.k8s.portforward import PortForward
+# Asks the manager to dial each address:port given; prints what the manager answered.
+RAW_DIALS = (
+    POOL_CLIENT
+    + r"""
 from telepresence.tunnel.frames import Dial, IPProtocol
 
 class Answer:
@@ -37,13 +31,7 @@ class Answer:
 async def main(targets):
     access = kubeconfig.load()
     async with KubeApi(access) as api, aiohttp.ClientSession() as http:
-        async def open_forward():
-            info = await find_manager_pod(api, "ambassador")
-            return await PortForward.open(http, access, namespace="ambassador",
-                                          pod=info.pod_name, port=8081)
-        pool = ManagerPool(open_forward=open_forward, size=1, client_name="raw",
-                           install_id="raw-dials", on_cluster_info=lambda _: None)
-        await pool.start()
+        pool = await open_pool(api, http, access, "raw-dials")
         out = {}
         for target in targets:
             host, port = target.rsplit(":", 1)
@@ -55,6 +43,7 @@ async def main(targets):
 
 asyncio.run(main(sys.argv[1:]))
 """
+)
 
 
 def _manager_pod(cluster: Cluster) -> dict[str, object]:
@@ -171,25 +160,12 @@ def test_a_user_without_port_forward_rights_is_told_which_permission(cluster: Cl
         check=False,
     )
     token = cluster.kubectl("create", "token", "dev", "-n", sa_ns).stdout.strip()
-    kubeconfig = {
-        "apiVersion": "v1",
-        "kind": "Config",
-        "current-context": "noforward",
-        "clusters": [
-            {
-                "name": "dc",
-                "cluster": {"server": "https://192.0.2.1:6443", "insecure-skip-tls-verify": True},
-            }
-        ],
-        "users": [{"name": "dev", "user": {"token": token}}],
-        "contexts": [{"name": "noforward", "context": {"cluster": "dc", "user": "dev"}}],
-    }
-    cluster.laptop("sh", "-c", "cat > $HOME/noforward.kubeconfig", input=json.dumps(kubeconfig))
+    kubeconfig = cluster.token_kubeconfig(token, name="noforward")
     out = cluster.laptop(
         "telepresence",
         "connect",
         "--kubeconfig",
-        "/home/tpuser/noforward.kubeconfig",
+        kubeconfig,
         check=False,
         timeout=120,
     )

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.e2e.cluster import Cluster, wait_for
+from tests.e2e.cluster import POOL_CLIENT, Cluster, wait_for
 from tests.e2e.test_outbound import connect, curl, quit_
 
 NS = "ambassador"
@@ -24,26 +24,15 @@ VENV_PYTHON = "/opt/telepresence-dev/venv/bin/python"
 
 # A second client of another version, at the tunnel level: it joins the manager as its own
 # session and asks cluster DNS through it, then waits for a line on stdin before leaving.
-SECOND_CLIENT = r"""
-import asyncio, json, sys
-import aiohttp, dns.message, dns.rdatatype
-from telepresence import versions
-from telepresence.daemon.pool import ManagerPool
-from telepresence.k8s import kubeconfig
-from telepresence.k8s.install import find_manager_pod
-from telepresence.k8s.api import KubeApi
-from telepresence.k8s.portforward import PortForward
+SECOND_CLIENT = (
+    POOL_CLIENT
+    + r"""
+import dns.message, dns.rdatatype
 
 async def main():
     access = kubeconfig.load()
     async with KubeApi(access) as api, aiohttp.ClientSession() as http:
-        async def open_forward():
-            info = await find_manager_pod(api, "ambassador")
-            return await PortForward.open(http, access, namespace="ambassador",
-                                          pod=info.pod_name, port=8081)
-        pool = ManagerPool(open_forward=open_forward, size=1, client_name="second",
-                           install_id="second-client", on_cluster_info=lambda _: None)
-        await pool.start()
+        pool = await open_pool(api, http, access, "second-client")
         answer = await pool.dns_lookup("kubernetes.default.svc.cluster.local.",
                                        dns.rdatatype.A)
         reply = dns.message.from_wire(answer.message)
@@ -56,6 +45,7 @@ async def main():
 
 asyncio.run(main())
 """
+)
 
 
 def _as_laptop(cluster: Cluster, env: dict[str, str], *cmd: str, **kw: object) -> str:

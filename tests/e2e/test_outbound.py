@@ -424,28 +424,13 @@ def test_a_user_who_may_not_install_the_manager_gets_one_line_and_nothing_is_lef
         check=False,
     )
     token = cluster.kubectl("create", "token", "dev", "-n", ns).stdout.strip()
-    kubeconfig = {
-        "apiVersion": "v1",
-        "kind": "Config",
-        "current-context": "limited",
-        "clusters": [
-            {
-                "name": "dc",
-                "cluster": {"server": "https://192.0.2.1:6443", "insecure-skip-tls-verify": True},
-            }
-        ],
-        "users": [{"name": "dev", "user": {"token": token}}],
-        "contexts": [
-            {"name": "limited", "context": {"cluster": "dc", "user": "dev", "namespace": ns}}
-        ],
-    }
-    cluster.laptop("sh", "-c", "cat > $HOME/limited.kubeconfig", input=json.dumps(kubeconfig))
+    kubeconfig = cluster.token_kubeconfig(token, name="limited", namespace=ns)
     before_ns = cluster.kubectl("get", "namespaces", "-o", "name").stdout
     out = cluster.laptop(
         "telepresence",
         "connect",
         "--kubeconfig",
-        "/home/tpuser/limited.kubeconfig",
+        kubeconfig,
         check=False,
         timeout=120,
     )
