@@ -5,7 +5,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(nftables dnsmasq-base sudo dnsutils iproute2 procps psmisc util-linux python3-venv curl ca-certificates runc containernetworking-plugins mmdebstrap)
+# runc, CNI plugins: devcluster's node; mmdebstrap: its images; gcc, libc6-dev, binutils: the
+# static pause binary.
+packages=(nftables dnsmasq-base sudo dnsutils iproute2 procps psmisc util-linux python3-venv curl
+  ca-certificates runc containernetworking-plugins mmdebstrap gcc libc6-dev binutils)
 missing=()
 for p in "${packages[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if ((${#missing[@]})); then
