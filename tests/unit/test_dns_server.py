@@ -173,7 +173,7 @@ async def serving(
         rules=lambda: holder[0],
         cluster_subnets=lambda: SUBNETS,
         cluster_lookup=cluster,
-        upstream=upstream,
+        upstreams=[upstream],
         upstream_socket=plain_socket,
         on_cluster_answer=routes.append,
         settings=settings or DnsSettings(),
@@ -471,7 +471,7 @@ async def test_fixed_port_and_double_start(upstream: tuple[str, int]) -> None:
         rules=NameRules,
         cluster_subnets=lambda: SUBNETS,
         cluster_lookup=lookup,
-        upstream=upstream,
+        upstreams=[upstream],
         upstream_socket=sock,
         port=port,
     )
@@ -515,7 +515,7 @@ PROBE = textwrap.dedent(
         server = DnsServer(
             rules=lambda: NameRules(mapped_namespaces=frozenset({"ns"}), search_namespaces=("ns",)),
             cluster_subnets=lambda: [IPv4Network("10.96.0.0/12")],
-            cluster_lookup=lookup, upstream=("127.0.0.1", 1), upstream_socket=plain,
+            cluster_lookup=lookup, upstreams=[("127.0.0.1", 1)], upstream_socket=plain,
             port=53, settings=DnsSettings(upstream_timeout=0.5))
         loop = asyncio.get_running_loop()
         async with server:

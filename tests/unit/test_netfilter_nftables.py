@@ -11,6 +11,7 @@ from telepresence.netfilter.nftables import (
     render_create,
     render_delete,
     render_dns_redirects,
+    render_nameservers,
     render_set_update,
     validate_table_name,
 )
@@ -57,12 +58,37 @@ def test_only_tcp_to_routed_addresses_goes_to_the_proxy() -> None:
     assert "udp" not in text.split("chain proxy", 1)[1]
 
 
-def test_no_nameservers_means_no_dns_chain_and_empty_sets_have_no_elements() -> None:
+def test_no_nameservers_yet_still_makes_an_empty_set_for_later_changes() -> None:
     text = render_create(
         TableConfig(name="t", mark=1, proxy_port=1, dns_port=2, dns_servers=[], routed=[])
     )
-    assert "chain dns" not in text and "dns_servers" not in text
+    # The chain exists with an empty set (matching nothing), so a nameserver that
+    # appears in resolv.conf later is one element update, not a new chain.
+    assert "set dns_servers {" in text and "chain dns {" in text
     assert "elements" not in text
+
+
+def test_a_changed_nameserver_set_is_one_flush_and_add() -> None:
+    old = [IPv4Address("198.51.100.53"), IPv4Address("198.51.100.54")]
+    new = [IPv4Address("192.0.2.1"), IPv4Address("192.0.2.2")]
+    before = render_create(
+        TableConfig(name="telepresence", mark=1, proxy_port=1, dns_port=2, dns_servers=old,
+                    routed=[])
+    )  # fmt: skip
+    assert "elements = { 198.51.100.53, 198.51.100.54 }" in before
+    text = render_nameservers(table="telepresence", nameservers=new)
+    assert text == (
+        "flush set ip telepresence dns_servers\n"
+        "add element ip telepresence dns_servers { 192.0.2.1, 192.0.2.2 }\n"
+    )
+    # One transaction (one string for Nft.run): afterwards the set holds the new
+    # servers and nothing else, whatever it held before.
+    assert all(str(a) not in text for a in old)
+    assert render_nameservers(table="telepresence", nameservers=[]) == (
+        "flush set ip telepresence dns_servers\n"
+    )
+    with pytest.raises(ValueError):
+        render_nameservers(table="bad name", nameservers=new)
 
 
 def test_set_update_is_one_transaction_removing_first() -> None:

@@ -14,7 +14,9 @@ from telepresence.netfilter.protocol import (
     FrameDecoder,
     Hello,
     HostRoutesDone,
+    NameserversDone,
     ProtocolError,
+    RefreshNameservers,
     Setup,
     SetupDone,
     Status,
@@ -33,6 +35,9 @@ MESSAGES: list[protocol.Message] = [
     SetupDone(tun_name="tel0", routed=["10.96.0.0/16"]),
     HostRoutesDone(hosts=["203.0.113.2"], skipped=["192.0.2.1: never proxied"]),
     StatusReply(configured=False, helper_pid=1),
+    RefreshNameservers(),
+    NameserversDone(nameservers=["192.0.2.1", "192.0.2.2"], changed=True),
+    NameserversDone(nameservers=["192.0.2.1"], kept="resolv.conf lists no IPv4 nameserver"),
 ]
 
 
@@ -133,6 +138,9 @@ def frame(body: bytes) -> bytes:
           "dns_nameservers": ["192.0.2.1"]}, "unknown field `dns_nameservers`"),
         ({"type": "Hello", "version": 2, "pid": 1}, "Invalid value 'Hello'"),
         ({"type": "FormatDisk"}, "Invalid value 'FormatDisk'"),
+        ({"type": "RefreshNameservers", "nameservers": ["192.0.2.1"]},
+         "unknown field `nameservers`"),
+        ({"type": "NameserversDone", "nameservers": []}, "Invalid value 'NameserversDone'"),
     ],
 )  # fmt: skip
 def test_the_helper_decodes_requests_strictly(body: dict[str, object], message: str) -> None:
@@ -167,3 +175,15 @@ def test_unknown_request_type_is_rejected() -> None:
 def test_encode_refuses_too_many_descriptors() -> None:
     with pytest.raises(ValueError):
         encode(Status(), fds=protocol.MAX_FDS + 1)
+
+
+def test_refresh_carries_no_address_and_its_answer_tolerates_new_fields() -> None:
+    import msgspec
+
+    assert RefreshNameservers.__struct_fields__ == ()
+    decoder = FrameDecoder()
+    decoder.feed(frame(msgspec.msgpack.encode(
+        {"type": "NameserversDone", "nameservers": ["192.0.2.1"], "later": 1}
+    )))  # fmt: skip
+    assert decoder.next() == (NameserversDone(nameservers=["192.0.2.1"]), [])
+    assert protocol.VERSION == 3

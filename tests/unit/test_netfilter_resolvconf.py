@@ -44,3 +44,11 @@ def test_a_missing_file_is_an_empty_configuration(tmp_path: Path) -> None:
     path = tmp_path / "resolv.conf"
     path.write_text("nameserver 192.0.2.53\nsearch a.example\n")
     assert read_resolv_conf(path) == ResolvConf(("192.0.2.53",), ("a.example",))
+
+
+def test_options_timeout_and_attempts_as_glibc_clamps_them() -> None:
+    assert (ResolvConf().timeout, ResolvConf().attempts) == (5, 2)
+    conf = ResolvConf.parse("options rotate timeout:1 attempts:3\nnameserver 10.0.0.1\n")
+    assert (conf.timeout, conf.attempts) == (1, 3)
+    conf = ResolvConf.parse("options timeout:99 attempts:0 timeout:x\n")
+    assert (conf.timeout, conf.attempts) == (30, 1)

@@ -4,9 +4,10 @@ While connected, nftables redirects the laptop's queries to its configured
 nameserver (UDP and TCP port 53) to this server on 127.0.0.1.  For each query
 :func:`~telepresence.daemon.dnsrules.route_query` decides where it goes:
 
-* UPSTREAM: the original bytes go to the laptop's original nameserver and its
-  answer comes back byte for byte, on the transport the client used (over TCP
-  with the same 2-byte length framing).  The laptop's DNS behaves exactly as
+* UPSTREAM: the original bytes go to the laptop's original nameservers (in
+  resolv.conf order, the next when one does not answer: :mod:`.forwarder`) and
+  the answer comes back byte for byte, on the transport the client used (over
+  TCP with the same 2-byte length framing).  The laptop's DNS behaves exactly as
   before, including EDNS, DNSSEC records and truncation.
 * CLUSTER: the cluster is asked for each candidate name in order; its answer
   (NXDOMAIN included) is final.  A failure or timeout gives SERVFAIL.
@@ -62,7 +63,6 @@ import enum
 import errno
 import itertools
 import logging
-import socket
 import struct
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
@@ -88,6 +88,8 @@ from telepresence.daemon.dnscache import (
     CachedAnswer,
 )
 from telepresence.daemon.dnsrules import Action, NameRules, Reason, Route, route_query
+from telepresence.daemon.forwarder import UpstreamForwarder, UpstreamSocket
+from telepresence.daemon.upstreams import Server
 
 __all__ = [
     "ClusterLookup",
@@ -120,9 +122,6 @@ log = logging.getLogger("telepresence.daemon.dns")
 #: Asks the cluster's resolver for one absolute name and query type; returns
 #: its answer, or None when the cluster cannot be asked.
 ClusterLookup = Callable[[str, int], Awaitable[dns.message.Message | None]]
-#: Returns a fresh socket of kind "udp" or "tcp" whose traffic is exempt from
-#: the DNS redirect (marked by the network helper).
-UpstreamSocket = Callable[[str], Awaitable[socket.socket]]
 #: Sends a query's wire bytes upstream and returns the reply's wire bytes;
 #: the second argument says whether to use TCP.
 Forward = Callable[[bytes, bool], Awaitable[bytes]]
@@ -131,6 +130,8 @@ _HEADER = struct.Struct("!HH")
 _LENGTH = struct.Struct("!H")
 _MIN_UDP_SIZE = 512
 _MAX_TCP_SIZE = 65535
+#: Slack on top of the forwarder's own budget before a query is abandoned.
+_UPSTREAM_GRACE = 0.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,8 +143,16 @@ class DnsSettings:
     #: ``upstream_timeout`` stays below that, so even a query that falls back
     #: upstream after a slow cluster is answered before the client gives up.
     cluster_timeout: float = 2.0
-    #: Budget for one upstream exchange; on expiry the client gets SERVFAIL.
+    #: Budget for one query's upstream part, every nameserver together (lowered
+    #: to resolv.conf's ``options timeout:`` when that is shorter); on expiry the
+    #: client gets SERVFAIL.
     upstream_timeout: float = 2.5
+    #: The longest wait for one nameserver before asking the next: a dead first
+    #: nameserver costs at most this much, once (see ``upstream_hold_down``).
+    upstream_server_timeout: float = 1.0
+    #: How long a nameserver that did not answer is asked last; afterwards it is
+    #: first again, so one that comes back is used within this long.
+    upstream_hold_down: float = 30.0
     #: Cap on how long cluster answers are cached and on the TTLs clients see.
     cache_max_ttl: float = DEFAULT_MAX_TTL
     cache_max_entries: int = DEFAULT_MAX_ENTRIES
@@ -520,7 +529,8 @@ class Resolver:
 
     async def _upstream(self, query: dns.message.Message, wire: bytes, *, tcp: bool) -> bytes:
         try:
-            async with asyncio.timeout(self._settings.upstream_timeout):
+            # The forwarder keeps within upstream_timeout itself; this is the backstop.
+            async with asyncio.timeout(self._settings.upstream_timeout + _UPSTREAM_GRACE):
                 return await self._forward(wire, tcp)
         except (OSError, TimeoutError, EOFError) as exc:
             log.debug("%s: upstream failed: %r", _describe(query), exc)
@@ -565,10 +575,11 @@ class DnsServer:
 
     ``rules`` and ``cluster_subnets`` are called for every query, so they may
     change while connected.  ``cluster_lookup`` asks the cluster's resolver
-    (through the tunnel) for one absolute name.  ``upstream`` is the laptop's
-    original nameserver; every exchange with it uses a fresh socket from
-    ``upstream_socket`` (marked by the network helper so that the redirect
-    leaves it alone).  ``on_cluster_answer`` gets the IPv4 addresses of each
+    (through the tunnel) for one absolute name.  ``upstreams`` are the laptop's
+    original nameservers, in resolv.conf order, tried one after another
+    (:attr:`upstreams` follows a changed list); every exchange uses a fresh
+    socket from ``upstream_socket`` (marked by the network helper so that the
+    redirect leaves it alone).  ``on_cluster_answer`` gets the IPv4 addresses of each
     fresh cluster answer (cached answers are not reported again), before the
     client sees them, so routes to addresses outside the routed subnets can be
     added in time.
@@ -580,15 +591,20 @@ class DnsServer:
         rules: Callable[[], NameRules],
         cluster_subnets: Callable[[], Sequence[IPv4Network]],
         cluster_lookup: ClusterLookup,
-        upstream: tuple[str, int],
+        upstreams: Sequence[Server],
         upstream_socket: UpstreamSocket,
         on_cluster_answer: ClusterAnswerHook | None = None,
         host: str = "127.0.0.1",
         port: int = 0,
         settings: DnsSettings = DnsSettings(),
     ) -> None:
-        self._upstream = upstream
-        self._upstream_socket = upstream_socket
+        self.upstreams = UpstreamForwarder(
+            servers=upstreams,
+            upstream_socket=upstream_socket,
+            total=settings.upstream_timeout,
+            per_server=settings.upstream_server_timeout,
+            hold_down=settings.upstream_hold_down,
+        )
         self._host = host
         self._requested_port = port
         self._settings = settings
@@ -596,7 +612,7 @@ class DnsServer:
             rules=rules,
             cluster_subnets=cluster_subnets,
             cluster_lookup=cluster_lookup,
-            forward=self._forward,
+            forward=self.upstreams.forward,
             on_cluster_answer=on_cluster_answer,
             settings=settings,
         )
@@ -692,32 +708,6 @@ class DnsServer:
         reply = await self.resolver.answer(wire, tcp=False)
         if reply is not None and self._udp is not None and not self._udp.is_closing():
             self._udp.sendto(reply, addr)
-
-    async def _forward(self, wire: bytes, tcp: bool) -> bytes:
-        """One exchange with the upstream nameserver on a marked socket."""
-        loop = asyncio.get_running_loop()
-        with await self._upstream_socket("tcp" if tcp else "udp") as sock:
-            sock.setblocking(False)
-            await loop.sock_connect(sock, self._upstream)
-            if tcp:
-                await loop.sock_sendall(sock, _LENGTH.pack(len(wire)) + wire)
-                (size,) = _LENGTH.unpack(await _recv_exactly(loop, sock, 2))
-                return await _recv_exactly(loop, sock, size)
-            await loop.sock_sendall(sock, wire)
-            while True:  # the caller's timeout ends this
-                reply = await loop.sock_recv(sock, 65535)
-                if reply[:2] == wire[:2]:
-                    return reply
-
-
-async def _recv_exactly(loop: asyncio.AbstractEventLoop, sock: socket.socket, size: int) -> bytes:
-    data = bytearray()
-    while len(data) < size:
-        chunk = await loop.sock_recv(sock, size - len(data))
-        if not chunk:
-            raise EOFError("upstream closed the connection")
-        data += chunk
-    return bytes(data)
 
 
 class _UdpProtocol(asyncio.DatagramProtocol):

@@ -17,7 +17,7 @@ import shutil
 import socket
 import ssl
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any, Literal
@@ -26,7 +26,7 @@ import aiohttp
 import dns.message
 
 from telepresence import paths, versions
-from telepresence.daemon import nsswitch
+from telepresence.daemon import nsswitch, resolvwatch
 from telepresence.daemon.dialfailures import DialFailureLog
 from telepresence.daemon.dns import DnsServer
 from telepresence.daemon.dnsrules import NameRules
@@ -55,6 +55,8 @@ log = logging.getLogger("telepresence.session")
 HELPER_COMMAND = "telepresence-helper"
 # Port-forward connections per session: enough to spread flows, few enough to be cheap.
 POOL_SIZE = 4
+# Where the laptop's nameservers listen (tests move it: fakes on loopback need no root).
+DNS_PORT = 53
 
 
 class ConnectError(Exception):
@@ -140,6 +142,8 @@ class Session:
         self.cluster_info: ClusterInfo | None = None
         self.routed: list[IPv4Network] = []
         self.resolv = ResolvConf()
+        # What the helper redirects and the DNS server forwards to, in order.
+        self.nameservers: list[str] = []
         self.api_server_ips: list[str] = []
         self.namespaces: frozenset[str] = frozenset()
         self.connected = False
@@ -227,19 +231,24 @@ class Session:
                 f"`kubectl -n {self.manager_namespace} logs deploy/traffic-manager`"
             ) from e
 
-        # The same parser the helper uses to pick the nameservers it redirects.
+        # The same parser the helper uses to pick the nameservers it redirects; the
+        # stamp first, so a change made while we read is seen by the watch.
+        resolv_stamp = resolvwatch.read_stamp(RESOLV_CONF)
         self.resolv = read_resolv_conf(RESOLV_CONF)
         await self._load_namespaces()
         self.proxy = TransparentProxy(self.pool, dial_log=self.dial_log)
         proxy_port = await self.proxy.start()
-        upstream = self.resolv.nameservers[0] if self.resolv.nameservers else "127.0.0.1"
         self.dns = DnsServer(
             rules=self.name_rules,
             cluster_subnets=lambda: self.routed,
             cluster_lookup=self._cluster_lookup,
-            upstream=(upstream, 53),
+            upstreams=_upstreams(self.resolv.nameservers),
             upstream_socket=self._upstream_socket,
             on_cluster_answer=self._route_answer,
+        )
+        # The clients' `options timeout:` bounds how long a forwarded query may take.
+        self.dns.upstreams.set_servers(
+            _upstreams(self.resolv.nameservers), client_timeout=self.resolv.timeout
         )
         self.dns_port = await self.dns.start()
 
@@ -270,10 +279,21 @@ class Session:
             raise ConnectError(str(e)) from e
         self.tun_fd = result.tun_fd
         self.routed = result.routed
+        # Forward to exactly what the helper redirects (its reading of the file).
+        self.nameservers = [str(n) for n in result.nameservers]
+        self.dns.upstreams.set_servers(_upstreams(self.nameservers))
         self.udp = UdpRelay(self.pool, self.tun_fd, dial_log=self.dial_log)
         self.udp.start()
         self.tasks.append(asyncio.create_task(self._watch_helper(), name="watch-helper"))
         self.tasks.append(asyncio.create_task(self._watch_namespaces(), name="namespaces"))
+        self.tasks.append(
+            asyncio.create_task(
+                resolvwatch.watch(
+                    RESOLV_CONF, on_change=self._follow_resolv_conf, initial=resolv_stamp
+                ),
+                name="resolv-conf",
+            )
+        )
         self.connected = True
         log.info(
             "connected to %s (%s); routing %s",
@@ -430,6 +450,25 @@ class Session:
             except (HelperError, ConnectError) as e:
                 log.warning("updating routed subnets failed: %s", e)
 
+    async def _follow_resolv_conf(self) -> None:
+        """resolv.conf changed: the helper re-reads it and moves the DNS redirect (it
+        alone decides what is hooked), then the upstreams follow what it hooked.
+
+        Search domains and ``options timeout:`` come from our own reading of the
+        same file with the same parser.  A HelperError propagates, so the watch
+        tries again at its next look.
+        """
+        assert self.helper is not None and self.dns is not None
+        resolv = read_resolv_conf(RESOLV_CONF)
+        result = await self.helper.refresh_nameservers()
+        if result.kept:
+            log.warning("%s", result.kept)
+        self.resolv = resolv
+        self.nameservers = [str(n) for n in result.nameservers]
+        self.dns.upstreams.set_servers(_upstreams(self.nameservers), client_timeout=resolv.timeout)
+        if result.changed:
+            log.info("resolv.conf changed: DNS now redirected from %s", ", ".join(self.nameservers))
+
     async def _cluster_lookup(self, name: str, qtype: int) -> dns.message.Message | None:
         if self.pool is None:
             return None
@@ -471,7 +510,7 @@ class Session:
                 "dns": {
                     "hook": "nftables redirect of the laptop's nameservers (no file edited)",
                     "local_address": f"127.0.0.1:{self.dns_port}",
-                    "nameservers": list(self.resolv.nameservers),
+                    "nameservers": list(self.nameservers),
                     "cluster_domain": domain,
                     "cluster_names": f"*.{domain}, <svc>.<namespace> for mapped namespaces",
                 },
@@ -545,6 +584,11 @@ class Session:
                     await asyncio.wait_for(result, 30)
             except Exception as e:
                 log.warning("undoing %s: %s", name, e)
+
+
+def _upstreams(nameservers: Sequence[str]) -> list[tuple[str, int]]:
+    """Port 53 of each; with none at all, 127.0.0.1 as glibc would use."""
+    return [(n, DNS_PORT) for n in nameservers] or [("127.0.0.1", DNS_PORT)]
 
 
 async def _close_fd(fd: int) -> None:

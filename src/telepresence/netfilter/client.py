@@ -32,7 +32,9 @@ from telepresence.netfilter.protocol import (
     Error,
     Hello,
     HostRoutesDone,
+    NameserversDone,
     Ok,
+    RefreshNameservers,
     RemoveHostRoutes,
     Request,
     Response,
@@ -53,6 +55,7 @@ __all__ = [
     "HelperError",
     "HelperGone",
     "HostRoutes",
+    "Nameservers",
     "SetupResult",
     "StatusReply",
 ]
@@ -96,6 +99,16 @@ class HostRoutes:
 
     hosts: list[IPv4Address]
     skipped: list[str]
+
+
+@dataclass(frozen=True)
+class Nameservers:
+    """The nameservers whose DNS the helper redirects now (the daemon's upstreams);
+    ``changed``: the redirect moved; ``kept``: why an unusable file left it as it was."""
+
+    nameservers: list[IPv4Address]
+    changed: bool
+    kept: str
 
 
 def _strs(items: Iterable[object]) -> list[str]:
@@ -295,6 +308,16 @@ class HelperClient:
         """Stops routing these addresses (unknown ones are ignored); returns the hosts left."""
         done, _ = await self._request(RemoveHostRoutes(ips=_strs(ips)), HostRoutesDone)
         return [IPv4Address(h) for h in done.hosts]
+
+    async def refresh_nameservers(self) -> Nameservers:
+        """Asks the helper to re-read /etc/resolv.conf and move the DNS redirect to its
+        nameservers (its choice, never ours); returns what is redirected now."""
+        done, _ = await self._request(RefreshNameservers(), NameserversDone)
+        return Nameservers(
+            nameservers=[IPv4Address(n) for n in done.nameservers],
+            changed=done.changed,
+            kept=done.kept,
+        )
 
     async def upstream_socket(
         self, kind: Literal["udp", "tcp"], *, family: Literal[4, 6] = 4

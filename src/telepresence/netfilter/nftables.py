@@ -13,7 +13,8 @@ Layout (family ``ip``; the helper handles IPv4 only)::
     set routed     interval set of routed subnets
     set hosts      single addresses routed for external names (a separate set:
                    a /32 inside a routed subnet would overlap an interval)
-    set dns_servers
+    set dns_servers the laptop's nameservers; always present (maybe empty), so a
+                   resolv.conf change is one set flush + add (render_nameservers)
     chain dns      nat/output -100: mark -> return; udp+tcp :53 to dns_servers
                    -> redirect to the daemon's DNS server
     chain proxy    nat/output -100: mark -> return; tcp to @routed/@hosts
@@ -38,6 +39,8 @@ __all__ = [
     "TableConfig",
     "render_create",
     "render_delete",
+    "render_dns_redirects",
+    "render_nameservers",
     "render_set_update",
     "validate_table_name",
 ]
@@ -107,16 +110,17 @@ def render_create(config: TableConfig) -> str:
         *_set(ROUTED_SET, config.routed, interval=True),
         *_set(HOSTS_SET, config.hosts, interval=False),
     ]
-    if config.dns_servers:
-        lines += _set(DNS_SET, config.dns_servers, interval=False)
-        lines += [
-            "\tchain dns {",
-            f"\t\ttype nat hook output priority {PRIORITY}; policy accept;",
-            f"\t\t{mark}",
-            f"\t\tip daddr @{DNS_SET} udp dport 53 redirect to :{config.dns_port}",
-            f"\t\tip daddr @{DNS_SET} tcp dport 53 redirect to :{config.dns_port}",
-            "\t}",
-        ]
+    # Even with no nameserver yet: one may appear in resolv.conf later, and then only
+    # the set's elements change (an empty set matches nothing).
+    lines += _set(DNS_SET, config.dns_servers, interval=False)
+    lines += [
+        "\tchain dns {",
+        f"\t\ttype nat hook output priority {PRIORITY}; policy accept;",
+        f"\t\t{mark}",
+        f"\t\tip daddr @{DNS_SET} udp dport 53 redirect to :{config.dns_port}",
+        f"\t\tip daddr @{DNS_SET} tcp dport 53 redirect to :{config.dns_port}",
+        "\t}",
+    ]
     lines += [
         "\tchain proxy {",
         f"\t\ttype nat hook output priority {PRIORITY}; policy accept;",
@@ -148,6 +152,17 @@ def render_set_update(
         lines.append(f"delete element ip {table} {set_name} {{ {_elements(remove)} }}")
     if add:
         lines.append(f"add element ip {table} {set_name} {{ {_elements(add)} }}")
+    return "".join(line + "\n" for line in lines)
+
+
+def render_nameservers(*, table: str, nameservers: Sequence[IPv4Address]) -> str:
+    """Replaces the redirected nameservers in one transaction: the flush and the add
+    commit together, so no query sees the set empty or half-changed, and whatever
+    was in the set before (however it got there) is gone afterwards."""
+    validate_table_name(table)
+    lines = [f"flush set ip {table} {DNS_SET}"]
+    if nameservers:
+        lines.append(f"add element ip {table} {DNS_SET} {{ {_elements(nameservers)} }}")
     return "".join(line + "\n" for line in lines)
 
 

@@ -40,10 +40,12 @@ __all__ = [
     "RESERVED",
     "TUN_ADDRESS",
     "TUN_NAME",
+    "NameserverChoice",
     "Plan",
     "Refused",
     "check_mark_unused",
     "check_routable",
+    "choose_nameservers",
     "host_refusal",
     "plan_setup",
 ]
@@ -238,6 +240,38 @@ def host_refusal(
     except Refused as e:
         return f"{ip}: {e}"
     return None
+
+
+@dataclass(frozen=True, kw_only=True)
+class NameserverChoice:
+    """What to redirect after a re-read of resolv.conf.  ``kept``: why the previous
+    list stayed (empty when the file's list was taken)."""
+
+    nameservers: list[IPv4Address]
+    kept: str = ""
+
+    def changed_from(self, current: Sequence[IPv4Address]) -> bool:
+        return list(self.nameservers) != list(current)
+
+
+def choose_nameservers(
+    *, current: Sequence[IPv4Address], read: Sequence[IPv4Address]
+) -> NameserverChoice:
+    """The nameservers to redirect, given those redirected now and those just read.
+
+    A file with no usable (IPv4) nameserver keeps the current list: while the
+    network changes, NetworkManager may write an empty or IPv6-only file for a
+    moment, and dropping the redirect then would send the laptop's lookups past
+    the daemon (cluster names stop resolving) for no gain.  Before any good list
+    (``current`` empty) there is nothing to keep.
+    """
+    if read or not current:
+        return NameserverChoice(nameservers=list(read))
+    return NameserverChoice(
+        nameservers=list(current),
+        kept="resolv.conf lists no IPv4 nameserver; still redirecting "
+        + ", ".join(map(str, current)),
+    )
 
 
 def plan_setup(

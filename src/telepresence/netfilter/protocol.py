@@ -45,8 +45,10 @@ __all__ = [
     "HostRoutesDone",
     "MalformedMessage",
     "Message",
+    "NameserversDone",
     "Ok",
     "ProtocolError",
+    "RefreshNameservers",
     "RemoveHostRoutes",
     "Request",
     "Response",
@@ -63,7 +65,9 @@ __all__ = [
 ]
 
 #: Bumped on any change an older peer could misread; checked from :class:`Hello`.
-VERSION = 2
+#: 3: :class:`RefreshNameservers` (an older helper would refuse it mid-session;
+#: the bump makes a mismatched pair fail at connect with one line instead).
+VERSION = 3
 #: Responses (a status with thousands of host routes) stay far below this.
 MAX_FRAME = 4 * 1024 * 1024
 #: Requests are a few kilobytes even with hundreds of subnets; a larger one means
@@ -144,6 +148,17 @@ class UpstreamSocket(_Request, frozen=True, kw_only=True):
     family: Literal[4, 6] = 4
 
 
+class RefreshNameservers(_Request, frozen=True, kw_only=True):
+    """Re-read /etc/resolv.conf and move the DNS redirect to its nameservers.
+
+    Sent by the daemon when it sees the file change (NetworkManager rewrote it
+    after a network change).  It carries no address: the helper reads the file
+    itself and decides what is redirected, exactly as at Setup, so the worst a
+    caller can do is make the helper re-read a file.  Answered with
+    :class:`NameserversDone`.
+    """
+
+
 class Status(_Request, frozen=True, kw_only=True):
     """What is applied, read back from the kernel.  -> :class:`StatusReply`."""
 
@@ -153,7 +168,14 @@ class Teardown(_Request, frozen=True, kw_only=True):
 
 
 Request = (
-    Setup | UpdateSubnets | AddHostRoutes | RemoveHostRoutes | UpstreamSocket | Status | Teardown
+    Setup
+    | UpdateSubnets
+    | AddHostRoutes
+    | RemoveHostRoutes
+    | UpstreamSocket
+    | RefreshNameservers
+    | Status
+    | Teardown
 )
 
 
@@ -208,6 +230,17 @@ class HostRoutesDone(msgspec.Struct, frozen=True, kw_only=True, tag=True):
     skipped: list[str] = []
 
 
+class NameserversDone(msgspec.Struct, frozen=True, kw_only=True, tag=True):
+    """``nameservers``: the addresses whose port 53 is redirected now, in resolv.conf
+    order (the daemon forwards to these); ``changed``: whether this request moved
+    the redirect; ``kept``: non-empty when the file had no usable nameserver and the
+    previous list was kept, saying why."""
+
+    nameservers: list[str]
+    changed: bool = False
+    kept: str = ""
+
+
 class SocketReady(msgspec.Struct, frozen=True, kw_only=True, tag=True):
     kind: Literal["udp", "tcp"]
     family: Literal[4, 6] = 4
@@ -231,7 +264,17 @@ class StatusReply(msgspec.Struct, frozen=True, kw_only=True, tag=True):
     mark: int = 0
 
 
-Response = Hello | Ok | Error | SetupDone | SubnetsDone | HostRoutesDone | SocketReady | StatusReply
+Response = (
+    Hello
+    | Ok
+    | Error
+    | SetupDone
+    | SubnetsDone
+    | HostRoutesDone
+    | NameserversDone
+    | SocketReady
+    | StatusReply
+)
 Message = Request | Response
 
 _encoder = msgspec.msgpack.Encoder()

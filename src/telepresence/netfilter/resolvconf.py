@@ -16,7 +16,14 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address
 from pathlib import Path
 
-__all__ = ["MAXNS", "RESOLV_CONF", "ResolvConf", "read_resolv_conf"]
+__all__ = [
+    "DEFAULT_ATTEMPTS",
+    "DEFAULT_TIMEOUT",
+    "MAXNS",
+    "RESOLV_CONF",
+    "ResolvConf",
+    "read_resolv_conf",
+]
 
 RESOLV_CONF = Path("/etc/resolv.conf")
 #: glibc's MAXNS: nameserver lines after the third are ignored by the resolver,
@@ -25,16 +32,27 @@ MAXNS = 3
 #: A resolv.conf is a few hundred bytes; reading more is a sign of a wrong file.
 _MAX_SIZE = 64 * 1024
 _COMMENT = re.compile(r"[#;]")
+#: glibc's RES_TIMEOUT and RES_DFLRETRY: seconds a client waits for one nameserver,
+#: and how many rounds over the list it makes, when ``options`` says nothing.
+DEFAULT_TIMEOUT = 5
+DEFAULT_ATTEMPTS = 2
+#: glibc's caps on ``timeout:`` (RES_MAXRETRANS) and ``attempts:`` (RES_MAXRETRY).
+_MAX_TIMEOUT = 30
+_MAX_ATTEMPTS = 5
 
 
 @dataclass(frozen=True)
 class ResolvConf:
     """``nameservers``: the IPv4 addresses among the first :data:`MAXNS` nameserver
     lines, in order (the ones telepresence redirects and forwards to; the helper
-    handles IPv4 only); ``search``: the last ``search``/``domain`` line's domains."""
+    handles IPv4 only); ``search``: the last ``search``/``domain`` line's domains;
+    ``timeout`` and ``attempts``: ``options timeout:N attempts:N`` as glibc clamps
+    them, which bound how long a client waits for the daemon's answer."""
 
     nameservers: tuple[str, ...] = ()
     search: tuple[str, ...] = ()
+    timeout: int = DEFAULT_TIMEOUT
+    attempts: int = DEFAULT_ATTEMPTS
 
     @classmethod
     def parse(cls, text: str) -> ResolvConf:
@@ -44,6 +62,7 @@ class ResolvConf:
         nameservers: list[str] = []
         seen = 0
         search: list[str] = []
+        timeout, attempts = DEFAULT_TIMEOUT, DEFAULT_ATTEMPTS
         for raw in text.splitlines():
             words = _COMMENT.split(raw, maxsplit=1)[0].split()
             if not words:
@@ -61,10 +80,24 @@ class ResolvConf:
                     nameservers.append(str(address))
             elif keyword in ("search", "domain"):
                 search = [a.rstrip(".") for a in args if a.rstrip(".")]
-        return cls(tuple(nameservers), tuple(search))
+            elif keyword == "options":
+                timeout = _option(args, "timeout:", timeout, low=1, high=_MAX_TIMEOUT)
+                attempts = _option(args, "attempts:", attempts, low=1, high=_MAX_ATTEMPTS)
+        return cls(tuple(nameservers), tuple(search), timeout=timeout, attempts=attempts)
 
     def ipv4_nameservers(self) -> list[IPv4Address]:
         return [IPv4Address(n) for n in self.nameservers]
+
+
+def _option(args: list[str], prefix: str, current: int, *, low: int, high: int) -> int:
+    """The last ``prefix``N among ``args``, clamped as glibc does; junk is ignored."""
+    for arg in args:
+        if arg.startswith(prefix):
+            try:
+                current = max(low, min(high, int(arg[len(prefix) :])))
+            except ValueError:
+                continue
+    return current
 
 
 def read_resolv_conf(path: Path = RESOLV_CONF) -> ResolvConf:

@@ -10,6 +10,7 @@ midway is rolled back.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import socket
@@ -32,7 +33,9 @@ from telepresence.netfilter.protocol import (
     AddHostRoutes,
     Error,
     HostRoutesDone,
+    NameserversDone,
     Ok,
+    RefreshNameservers,
     RemoveHostRoutes,
     Request,
     Response,
@@ -86,6 +89,8 @@ class _Applied:
     subnets: list[IPv4Network] = field(default_factory=list)
     hosts: set[IPv4Address] = field(default_factory=set)
     routes: dict[IPv4Network, RouteEntry] = field(default_factory=dict)
+    #: Redirected now; starts as the plan's, follows resolv.conf on RefreshNameservers.
+    nameservers: list[IPv4Address] = field(default_factory=list)
 
     def desired_routes(self) -> set[IPv4Network]:
         return set(self.subnets) | {IPv4Network(h) for h in self.hosts}
@@ -95,7 +100,8 @@ class NetworkState:
     """Applies requests, one at a time; every change is journaled first and
     undone by :meth:`teardown`, each undo in its own try.
 
-    ``resolv_conf`` is where the nameservers to redirect are read, at Setup.
+    ``resolv_conf`` is where the nameservers to redirect are read, at Setup and
+    on every RefreshNameservers.
     """
 
     def __init__(self, *, nft: Nft, journal: Journal, resolv_conf: Path = RESOLV_CONF) -> None:
@@ -152,6 +158,8 @@ class NetworkState:
             gone = set(_addresses(request.ips))
             self._reconcile(applied, subnets=applied.subnets, hosts=applied.hosts - gone)
             return HostRoutesDone(hosts=[str(h) for h in sorted(applied.hosts)]), []
+        if isinstance(request, RefreshNameservers):
+            return self._refresh_nameservers(applied), []
         if isinstance(request, UpstreamSocket):
             fd = upstream_socket(kind=request.kind, family=request.family)
             return SocketReady(kind=request.kind, family=request.family), [fd]
@@ -176,7 +184,7 @@ class NetworkState:
                 f"{existing.kind or 'network'} device of that name; rename or remove it"
             )
         subnets = plan.routed(plan.requested)
-        applied = _Applied(plan=plan)
+        applied = _Applied(plan=plan, nameservers=list(plan.table.dns_servers))
         self._applied = applied
         try:
             self._create_tun(applied)
@@ -238,6 +246,38 @@ class NetworkState:
                 ) from None
             raise
         applied.table = entry
+
+    # Nameservers ---------------------------------------------------------------
+
+    def _refresh_nameservers(self, applied: _Applied) -> NameserversDone:
+        """Moves the DNS redirect to the nameservers resolv.conf lists now.
+
+        One nft transaction (flush and refill of the set), so at no moment is
+        an old server still hooked next to a new one or none hooked at all.
+        The journal needs no new entry: the set lives in the table it already
+        records, and deleting the table (teardown, ``--cleanup``, or the kernel
+        when the helper dies) removes whatever the set holds.
+        """
+        read = read_resolv_conf(self._resolv_conf).ipv4_nameservers()
+        choice = policy.choose_nameservers(current=applied.nameservers, read=read)
+        if choice.kept:
+            log.warning("%s", choice.kept)
+        changed = choice.changed_from(applied.nameservers)
+        if changed:
+            self._nft.run(
+                nftables.render_nameservers(
+                    table=applied.plan.table.name, nameservers=choice.nameservers
+                )
+            )
+            log.info(
+                "DNS redirect moved from %s to %s",
+                ", ".join(map(str, applied.nameservers)) or "none",
+                ", ".join(map(str, choice.nameservers)) or "none",
+            )
+            applied.nameservers = list(choice.nameservers)
+        return NameserversDone(
+            nameservers=[str(n) for n in applied.nameservers], changed=changed, kept=choice.kept
+        )
 
     # Routes and sets -----------------------------------------------------------
 
@@ -351,7 +391,9 @@ class NetworkState:
             hosts=[str(h) for h in sorted(applied.hosts)],
             nft_table=plan.table.name,
             nft_table_present=self._nft.table_exists(plan.table.name),
-            dns_redirects=nftables.render_dns_redirects(plan.table),
+            dns_redirects=nftables.render_dns_redirects(
+                dataclasses.replace(plan.table, dns_servers=applied.nameservers)
+            ),
             proxy_port=plan.table.proxy_port,
             mark=plan.table.mark,
         )

@@ -1,0 +1,117 @@
+"""Nameservers as the laptop has them: every one in resolv.conf, in order, with failover when
+one stops answering, and a resolv.conf rewritten mid-session (as NetworkManager does after a
+Wi-Fi change) followed within a second, leaving nothing pointed at the old server."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from devcluster.settings import LAPTOP_NS
+from tests.e2e.cluster import Cluster, wait_for
+from tests.e2e.test_outbound import connect, laptop_state, quit_
+
+RESOLV_CONF = Path("/etc/netns") / LAPTOP_NS / "resolv.conf"
+FIRST, SECOND, THIRD = "198.51.100.54", "198.51.100.55", "198.51.100.56"
+
+
+def _in_laptop(*cmd: str) -> list[str]:
+    return ["ip", "netns", "exec", LAPTOP_NS, *cmd]
+
+
+def _resolver(address: str) -> subprocess.Popen[bytes]:
+    """A home-router resolver on `address`: `whoami.lan` answers with its own address."""
+    subprocess.run(_in_laptop("ip", "addr", "add", f"{address}/32", "dev", "lo"), check=True)
+    return subprocess.Popen(
+        _in_laptop(
+            "dnsmasq",
+            "--keep-in-foreground",
+            "--no-resolv",
+            "--no-hosts",
+            "--user=root",
+            "--pid-file=",
+            f"--listen-address={address}",
+            "--bind-interfaces",
+            "--local=/#/",
+            f"--host-record=whoami.lan,{address}",
+            "--host-record=www.example.test,198.51.100.2",
+        ),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def _rewrite(text: str) -> None:
+    """In place: the laptop namespace's processes see /etc/resolv.conf through a bind mount
+    of this very file, which a rename would leave behind."""
+    with RESOLV_CONF.open("r+") as f:
+        f.seek(0)
+        f.write(text)
+        f.truncate()
+
+
+def _whoami(cluster: Cluster) -> str | None:
+    out = cluster.laptop("getent", "hosts", "whoami.lan", check=False)
+    return out.stdout.split()[0] if out.returncode == 0 else None
+
+
+@pytest.fixture
+def three_resolvers(cluster: Cluster) -> Iterator[dict[str, subprocess.Popen[bytes]]]:
+    quit_(cluster)
+    saved = RESOLV_CONF.read_text()
+    before = laptop_state(cluster)
+    servers = {address: _resolver(address) for address in (FIRST, SECOND, THIRD)}
+    try:
+        yield servers
+    finally:
+        quit_(cluster)
+        for proc in servers.values():
+            proc.kill()
+            proc.wait()
+        for address in servers:
+            subprocess.run(_in_laptop("ip", "addr", "del", f"{address}/32", "dev", "lo"))
+        _rewrite(saved)
+    assert laptop_state(cluster) == before
+
+
+def test_failover_and_a_rewritten_resolv_conf_are_followed(
+    cluster: Cluster, three_resolvers: dict[str, subprocess.Popen[bytes]]
+) -> None:
+    _rewrite(f"nameserver {FIRST}\nnameserver {SECOND}\nsearch lan\noptions ndots:1\n")
+    connect(cluster)
+    assert _whoami(cluster) == FIRST
+    nft_set = ["nft", "list", "set", "ip", "telepresence", "dns_servers"]
+    hooked = cluster.laptop(*nft_set, root=True).stdout
+    assert FIRST in hooked and SECOND in hooked
+
+    # The first nameserver stops: lookups fail over to the second at once.
+    three_resolvers[FIRST].kill()
+    three_resolvers[FIRST].wait()
+    started = time.monotonic()
+    assert _whoami(cluster) == SECOND
+    assert time.monotonic() - started < 1.5
+    started = time.monotonic()
+    assert _whoami(cluster) == SECOND
+    assert time.monotonic() - started < 1.0
+    assert cluster.laptop("getent", "hosts", "kubernetes.default").returncode == 0
+
+    # NetworkManager rewrites resolv.conf: followed within a second, the old servers unhooked.
+    _rewrite(f"nameserver {THIRD}\nsearch lan\noptions ndots:1\n")
+    changed = time.monotonic()
+    wait_for(lambda: _whoami(cluster) == THIRD, timeout=3, what="lookups to reach the new server")
+    assert time.monotonic() - changed < 1.5
+    hooked = cluster.laptop(*nft_set, root=True).stdout
+    assert THIRD in hooked and FIRST not in hooked and SECOND not in hooked
+    status = cluster.laptop("telepresence", "status").stdout
+    assert THIRD in status
+    assert cluster.laptop("getent", "hosts", "kubernetes.default").returncode == 0
+
+    quit_(cluster)
+    ruleset = cluster.laptop("nft", "list", "ruleset", root=True).stdout
+    assert "telepresence" not in ruleset and SECOND not in ruleset
+    # Disconnected, the laptop asks its resolver directly.
+    assert _whoami(cluster) == THIRD
