@@ -70,7 +70,8 @@ APP_ENV = ("PYTHONDONTWRITEBYTECODE=1", "PYTHONUNBUFFERED=1")
 # The test servers run as this numeric user: no passwd entry needed, and runAsNonRoot holds.
 APP_USER = "1000:1000"
 HOST_PYTHON = "/usr/bin/python3"
-REPO = Path(__file__).resolve().parents[2]
+# The repository: devcluster/src/devcluster/imagebuild.py -> the root.
+REPO = Path(__file__).resolve().parents[3]
 MANAGER_RECIPE = REPO / "deploy" / "manager-image.toml"
 
 _Owners = Mapping[str, tuple[int, int]]

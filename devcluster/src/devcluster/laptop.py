@@ -40,13 +40,22 @@ def ensure_user() -> pwd.struct_passwd:
 
 
 def sync_sources(settings: Settings) -> None:
-    """A world-readable copy of src/, so the laptop user and pods run the current code even
-    when the checkout lives somewhere only root can read."""
-    here = Path(__file__).resolve().parent.parent  # .../src
+    """A world-readable copy of the product's and devcluster's packages, so the laptop user
+    and the external host run the current code even when the checkout lives somewhere only
+    root can read."""
+    import devcluster
+    import telepresence
+
     dest = settings.paths.src_copy
     tmp = dest.with_name(dest.name + ".new")
     shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(here, tmp, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    tmp.mkdir(parents=True)
+    for package in (telepresence, devcluster):
+        assert package.__file__ is not None
+        here = Path(package.__file__).resolve().parent
+        shutil.copytree(
+            here, tmp / here.name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
+        )
     for root, dirs, files in os.walk(tmp):
         for d in dirs:
             os.chmod(os.path.join(root, d), 0o755)
