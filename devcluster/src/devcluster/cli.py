@@ -37,7 +37,6 @@ REQUIRED_TOOLS = (
     "unshare",
     "mmdebstrap",
 )
-SA_MOUNT = Path("/run/secrets/kubernetes.io/serviceaccount")
 
 
 class DevclusterError(Exception):
@@ -133,7 +132,6 @@ def start_supervisor(settings: Settings) -> None:
     paths = settings.paths
     paths.run.mkdir(parents=True, exist_ok=True)
     paths.logs.mkdir(parents=True, exist_ok=True)
-    SA_MOUNT.mkdir(parents=True, exist_ok=True)
     laptop.ensure_user()
     laptop.write_sudoers(settings)
     network.create_base(settings.addresses)
@@ -224,10 +222,6 @@ def down(settings: Settings, *, quiet: bool = False) -> None:
     ):
         with contextlib.suppress(FileNotFoundError):
             (paths.run / name).unlink()
-    with contextlib.suppress(OSError):
-        SA_MOUNT.rmdir()
-        SA_MOUNT.parent.rmdir()
-        SA_MOUNT.parent.parent.rmdir()
     if not quiet:
         print("devcluster is down")
 

@@ -47,10 +47,6 @@ CNI_BIN = "/usr/lib/cni"
 CONTAINERD_SOCKET = "/run/containerd/containerd.sock"
 
 
-def node_dir(settings: Settings) -> Path:
-    return settings.paths.node
-
-
 def config_dir(settings: Settings) -> Path:
     """Node configuration, under the run directory so both mount namespaces see it."""
     return settings.paths.run / "node"
@@ -62,7 +58,7 @@ def mount_ns_file(settings: Settings) -> Path:
 
 def host_containerd_socket(settings: Settings) -> Path:
     """containerd's socket as the host sees it (for `ctr` from outside the node)."""
-    return node_dir(settings) / "run" / "containerd" / "containerd.sock"
+    return settings.paths.node / "run" / "containerd" / "containerd.sock"
 
 
 # --- configuration files (pure) ----------------------------------------------------------
@@ -299,7 +295,7 @@ def write_configs(settings: Settings, creds: Credentials) -> dict[str, Path]:
 
 def _mount_script(settings: Settings) -> str:
     """Run inside the new mount namespace: make the node's private view of the host."""
-    d = node_dir(settings)
+    d = settings.paths.node
     run_dir = settings.paths.run
     values = config_dir(settings) / "kernel"
     lines = [
@@ -445,7 +441,7 @@ def teardown(settings: Settings) -> None:
     kill_containers(settings)
     remove_cgroup_root()
     remove_mount_namespace(settings)
-    d = node_dir(settings)
+    d = settings.paths.node
     if d.exists():
         # Overlay upper dirs may hold files of any uid and mode; plain rm copes.
         run(["rm", "-rf", "--one-file-system", str(d)], check=False, timeout=300)
