@@ -21,6 +21,7 @@ from telepresence.k8s.api import (
     ApiUnreachable,
     Changed,
     Conflict,
+    Credentials,
     Forbidden,
     Gone,
     InClusterAccess,
@@ -29,6 +30,7 @@ from telepresence.k8s.api import (
     KubeApi,
     Listed,
     NotFound,
+    Route,
     Unauthorized,
     error_from_status,
     in_cluster_access,
@@ -163,18 +165,23 @@ def test_the_rotated_token_is_read_again_once_stale(tmp_path: Path) -> None:
 
 @dataclass
 class Access:
+    """Issues the next of ``tokens`` on first use and after each 401 of the current one."""
+
     server: str
     namespace: str = "ambassador"
     tokens: list[str] = field(default_factory=lambda: ["token-1"])
     issued: int = 0
+    route: Route = field(default_factory=Route)
+    current: Credentials | None = None
 
-    def ssl_context(self) -> ssl.SSLContext:
-        return ssl.create_default_context()
-
-    def headers(self) -> dict[str, str]:
-        token = self.tokens[min(self.issued, len(self.tokens) - 1)]
-        self.issued += 1
-        return {"Authorization": f"Bearer {token}"}
+    async def credentials(self, *, rejected: Credentials | None = None) -> Credentials:
+        if self.current is None or (rejected is not None and rejected is self.current):
+            token = self.tokens[min(self.issued, len(self.tokens) - 1)]
+            self.issued += 1
+            self.current = Credentials(
+                headers={"Authorization": f"Bearer {token}"}, tls=ssl.create_default_context()
+            )
+        return self.current
 
 
 @dataclass

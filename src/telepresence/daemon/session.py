@@ -15,7 +15,6 @@ import logging
 import os
 import shutil
 import socket
-import ssl
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -153,7 +152,6 @@ class Session:
         self.version = versions.package_version()
         self.protocol = versions.protocol_range()
         self.dns_port = 0
-        self._ssl: ssl.SSLContext | None = None
         self.udp: UdpRelay | None = None
         # One for TCP and UDP: why the cluster could not dial, without flooding the log.
         self.dial_log = DialFailureLog()
@@ -181,6 +179,12 @@ class Session:
             raise ConnectError(str(e)) from e
         access = self.access
         self.api = KubeApi(access)
+        try:
+            # An exec plugin's first run (a cloud CLI, maybe a token refresh) has its own
+            # timeout and error; it must not eat the API server's deadline below.
+            await access.credentials()
+        except KubeError as e:
+            raise ConnectError(str(e)) from e
         try:
             await asyncio.wait_for(self.api.get("/version"), 15)
         except (ApiUnreachable, TimeoutError) as e:
@@ -266,6 +270,11 @@ class Session:
                 ) from e
             raise ConnectError(f"the network helper failed to start: {e}") from e
         self.api_server_ips = api_server_addresses(access.server)
+        if proxy := access.route.proxy:
+            # Through a proxy, the connections to keep out of the tunnel are the proxy's.
+            self.api_server_ips += [
+                ip for ip in api_server_addresses(proxy) if ip not in self.api_server_ips
+            ]
         try:
             result = await self.helper.setup(
                 subnets=self._cluster_subnets(),
@@ -322,21 +331,15 @@ class Session:
         if info is None:
             raise PoolUnavailable("no ready traffic manager pod")
         self.manager_pod = info.pod_name
+        # The access caches credentials and the TLS context for the REST calls and every
+        # port-forward alike: an exec credential plugin runs once per credential lifetime.
         return await PortForward.open(
             self.http,
             self.access,
             namespace=self.manager_namespace,
             pod=info.pod_name,
             port=TUNNEL_PORT,
-            ssl_context=self.api_ssl(),
         )
-
-    def api_ssl(self) -> ssl.SSLContext:
-        """One TLS context for every port-forward: an exec credential plugin runs once."""
-        assert self.access is not None
-        if self._ssl is None:
-            self._ssl = self.access.ssl_context()
-        return self._ssl
 
     async def _load_namespaces(self) -> None:
         assert self.api is not None

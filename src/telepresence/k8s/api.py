@@ -8,7 +8,10 @@ ever sees an aiohttp exception.
 
 It works with a kubeconfig (:class:`~telepresence.k8s.kubeconfig.ClusterAccess`, on the
 laptop) and with a pod's service account (:func:`in_cluster_access`, in the traffic
-manager): both provide ``server``, ``namespace``, ``ssl_context()`` and ``headers()``.
+manager): both are an :class:`Access`, which gives the :class:`Route` to the server (TLS
+server name, proxy) and the :class:`Credentials` of each request, and a fresh set after a
+401. This module imports neither yaml nor the kubeconfig's credential plugins, so the
+manager does not load them.
 """
 
 from __future__ import annotations
@@ -45,16 +48,29 @@ class KubeError(Exception):
 
 
 class ApiUnreachable(KubeError):
-    """No HTTP answer at all: connection refused or reset, TLS failure, timeout."""
+    """No HTTP answer at all: connection refused or reset, TLS failure, timeout, or a proxy
+    that would not connect us."""
 
-    def __init__(self, server: str, cause: BaseException) -> None:
+    def __init__(self, server: str, cause: BaseException, *, proxy: str | None = None) -> None:
         self.server = server
+        self.proxy = proxy
         reason = str(cause) or type(cause).__name__
-        if isinstance(cause, aiohttp.ClientSSLError | ssl.SSLError):
-            advice = "check the kubeconfig's certificate-authority and the server address"
+        through = f" through the proxy {proxy}" if proxy else ""
+        if isinstance(cause, aiohttp.ClientProxyConnectionError | aiohttp.ClientHttpProxyError):
+            advice = (
+                "check the proxy (the cluster's proxy-url, or HTTPS_PROXY and NO_PROXY) and "
+                "its credentials"
+            )
+        elif isinstance(cause, aiohttp.ClientSSLError | ssl.SSLError):
+            advice = (
+                "check the kubeconfig's certificate-authority, tls-server-name and the server "
+                "address"
+            )
         else:
             advice = "check your network or VPN, and that the kubeconfig's server is right"
-        super().__init__(f"cannot reach the Kubernetes API server at {server} ({reason}): {advice}")
+        super().__init__(
+            f"cannot reach the Kubernetes API server at {server}{through} ({reason}): {advice}"
+        )
 
 
 class ApiError(KubeError):
@@ -217,8 +233,40 @@ def _path_parts(path: str) -> tuple[str | None, str]:
 # --- credentials --------------------------------------------------------------------------
 
 
+@dataclass(frozen=True, kw_only=True)
+class Route:
+    """How connections reach the API server, for the life of an :class:`Access`:
+    ``server_hostname`` is the name the server's certificate is checked against and sent as
+    SNI (a kubeconfig's ``tls-server-name``; None for the URL's host); ``proxy`` an HTTP
+    CONNECT proxy URL, with ``proxy_headers`` for its authorization."""
+
+    server_hostname: str | None = None
+    proxy: str | None = None
+    proxy_headers: Mapping[str, str] = field(default_factory=dict, repr=False)
+
+    def aiohttp_options(self) -> dict[str, Any]:
+        """Keyword arguments for an aiohttp request or ws_connect (a fresh dict each time:
+        aiohttp adds to the proxy headers it is given)."""
+        return {
+            "server_hostname": self.server_hostname,
+            "proxy": self.proxy,
+            "proxy_headers": dict(self.proxy_headers) if self.proxy_headers else None,
+        }
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class Credentials:
+    """What one request presents: ``headers`` (Authorization) and ``tls``, the TLS context
+    that also carries the client certificate. Compared by identity: after a 401, the caller
+    hands back the one that failed, so that concurrent failures refresh it once."""
+
+    headers: Mapping[str, str] = field(repr=False)
+    tls: ssl.SSLContext
+
+
 class Access(Protocol):
-    """What :class:`KubeApi` needs from a set of credentials."""
+    """What :class:`KubeApi` and a port-forward need from a set of credentials. Errors are
+    :class:`KubeError` subclasses whose message names the fix."""
 
     @property
     def server(self) -> str: ...
@@ -226,9 +274,14 @@ class Access(Protocol):
     @property
     def namespace(self) -> str: ...
 
-    def ssl_context(self) -> ssl.SSLContext: ...
+    @property
+    def route(self) -> Route: ...
 
-    def headers(self) -> dict[str, str]: ...
+    async def credentials(self, *, rejected: Credentials | None = None) -> Credentials:
+        """The credentials for the next request: cached while valid; renewed when
+        ``rejected`` (which the API server just answered with 401) is still the current
+        set, else the current set, which someone renewed meanwhile."""
+        ...
 
 
 class InClusterConfigError(KubeError):
@@ -247,11 +300,16 @@ class InClusterAccess:
     ca_file: Path
     token_max_age: float = 60.0
     clock: Callable[[], float] = field(default=time.monotonic, repr=False)
+    route: Route = field(default_factory=Route)  # in the pod network: direct, no proxy
     _token: str = field(default="", init=False, repr=False)
     _read_at: float = field(default=float("-inf"), init=False, repr=False)
+    _ssl: ssl.SSLContext | None = field(default=None, init=False, repr=False)
+    _issued: Credentials | None = field(default=None, init=False, repr=False)
 
     def ssl_context(self) -> ssl.SSLContext:
-        return ssl.create_default_context(cafile=str(self.ca_file))
+        if self._ssl is None:
+            self._ssl = ssl.create_default_context(cafile=str(self.ca_file))
+        return self._ssl
 
     def token(self) -> str:
         now = self.clock()
@@ -273,6 +331,15 @@ class InClusterAccess:
     def refresh(self) -> None:
         """Forget the cached token, so the next request reads the file (after a 401)."""
         self._read_at = float("-inf")
+
+    async def credentials(self, *, rejected: Credentials | None = None) -> Credentials:
+        if rejected is not None and rejected is self._issued:
+            self.refresh()
+        headers = self.headers()
+        issued = self._issued
+        if issued is None or issued.headers != headers:
+            issued = self._issued = Credentials(headers=headers, tls=self.ssl_context())
+        return issued
 
 
 def in_cluster_access(
@@ -396,8 +463,7 @@ class KubeApi:
         self.namespace = access.namespace
         self.timeouts = timeouts
         self.page_size = page_size
-        self._ssl: ssl.SSLContext | None = None
-        self._headers: dict[str, str] | None = None
+        self.route = access.route
         self._session: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> KubeApi:
@@ -418,26 +484,17 @@ class KubeApi:
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None:
-            if self._ssl is None:
-                # Exec plugins and file reads block; they run once per client.
-                self._ssl = self.access.ssl_context()
+            # No environment proxies (trust_env stays off): the Route decides, by kubectl's
+            # rules. TLS comes with each request, since an exec plugin may change the client
+            # certificate while the pool lives.
             self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(ssl=self._ssl, limit=16),
+                connector=aiohttp.TCPConnector(limit=16),
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.timeouts.connect),
             )
         return self._session
 
-    def _auth(self, *, refresh: bool = False) -> dict[str, str]:
-        # ClusterAccess.headers() may run an exec plugin: cache, and redo it only after a 401.
-        if refresh:
-            refresher = getattr(self.access, "refresh", None)
-            if callable(refresher):
-                refresher()
-        if isinstance(self.access, InClusterAccess):
-            return self.access.headers()  # cheap, and it rotates by itself
-        if self._headers is None or refresh:
-            self._headers = self.access.headers()
-        return self._headers
+    def _unreachable(self, cause: BaseException) -> ApiUnreachable:
+        return ApiUnreachable(self.server, cause, proxy=self.route.proxy)
 
     async def _request(
         self,
@@ -449,8 +506,9 @@ class KubeApi:
         content_type: str = "application/json",
     ) -> Obj:
         data = _encoder.encode(body) if body is not None else None
+        creds = await self.access.credentials()
         for attempt in (1, 2):
-            headers = {"Accept": "application/json", **self._auth(refresh=attempt == 2)}
+            headers = {"Accept": "application/json", **creds.headers}
             if data is not None:
                 headers["Content-Type"] = content_type
             try:
@@ -460,16 +518,20 @@ class KubeApi:
                     params=params,
                     data=data,
                     headers=headers,
+                    ssl=creds.tls,
                     timeout=aiohttp.ClientTimeout(
                         total=self.timeouts.request, sock_connect=self.timeouts.connect
                     ),
+                    **self.route.aiohttp_options(),
                 ) as resp:
                     raw = await resp.read()
                     status = resp.status
             except (aiohttp.ClientError, TimeoutError, OSError) as e:
-                raise ApiUnreachable(self.server, e) from e
+                raise self._unreachable(e) from e
             if status == 401 and attempt == 1:
-                continue  # credentials may have rotated: fetch them again, once
+                # Credentials may have rotated or expired early: renew them, once.
+                creds = await self.access.credentials(rejected=creds)
+                continue
             result = _decode(raw)
             if status >= 400:
                 raise error_from_status(status, result, method=method, path=path)
@@ -583,13 +645,20 @@ class KubeApi:
         timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=self.timeouts.connect, sock_read=self.timeouts.watch + 30
         )
+        creds = await self.access.credentials()
         for attempt in (1, 2):
-            headers = {"Accept": "application/json", **self._auth(refresh=attempt == 2)}
+            headers = {"Accept": "application/json", **creds.headers}
             try:
                 async with self._client().get(
-                    self.server + path, params=params, headers=headers, timeout=timeout
+                    self.server + path,
+                    params=params,
+                    headers=headers,
+                    timeout=timeout,
+                    ssl=creds.tls,
+                    **self.route.aiohttp_options(),
                 ) as resp:
                     if resp.status == 401 and attempt == 1:
+                        creds = await self.access.credentials(rejected=creds)
                         continue
                     if resp.status >= 400:
                         raise error_from_status(resp.status, _decode(await resp.read()), path=path)
@@ -604,7 +673,7 @@ class KubeApi:
                                     yield event
                     return
             except (aiohttp.ClientError, TimeoutError, OSError) as e:
-                raise ApiUnreachable(self.server, e) from e
+                raise self._unreachable(e) from e
 
 
 def _selectors(label_selector: str | None, field_selector: str | None) -> dict[str, str]:
@@ -682,6 +751,7 @@ __all__ = [
     "ApiUnreachable",
     "Changed",
     "Conflict",
+    "Credentials",
     "Forbidden",
     "Gone",
     "InClusterAccess",
@@ -692,6 +762,7 @@ __all__ = [
     "Listed",
     "NotFound",
     "Obj",
+    "Route",
     "Unauthorized",
     "WatchEvent",
     "error_from_status",

@@ -4,17 +4,18 @@ The WebSocket subprotocol `v4.channel.k8s.io` carries, per forwarded port, a dat
 and an error channel; every message starts with its channel byte, and the first message on
 each channel carries the port (2 bytes, little-endian). There is no half-close: closing the
 socket ends both directions.
+
+The WebSocket goes the way the REST calls go (the access's :class:`~telepresence.k8s.api.Route`:
+TLS server name, proxy) with the same cached credentials, renewed once on a 401.
 """
 
 from __future__ import annotations
 
-import ssl
 import struct
 
 import aiohttp
 
-from telepresence.k8s.api import Forbidden
-from telepresence.k8s.kubeconfig import ClusterAccess
+from telepresence.k8s.api import Access, ApiError, ApiUnreachable, Forbidden, Unauthorized
 
 PROTOCOL = "v4.channel.k8s.io"
 DATA = 0
@@ -36,9 +37,12 @@ def portforward_hint(namespace: str) -> str:
 
 def handshake_error(
     status: int, message: str, *, namespace: str, pod: str, port: int
-) -> Forbidden | PortForwardError:
+) -> ApiError | PortForwardError:
     """The one error for a refused port-forward upgrade. A 403 is RBAC: the user may not
-    port-forward to the manager's pod, which is exactly who may use the manager."""
+    port-forward to the manager's pod, which is exactly who may use the manager. A 401
+    (after the credentials were renewed once) is the credentials themselves."""
+    if status == 401:
+        return Unauthorized(status=401, detail=message)
     if status == 403:
         return Forbidden(
             detail=message,
@@ -65,30 +69,42 @@ class PortForward:
     async def open(
         cls,
         session: aiohttp.ClientSession,
-        access: ClusterAccess,
+        access: Access,
         *,
         namespace: str,
         pod: str,
         port: int,
-        ssl_context: ssl.SSLContext | None = None,
     ) -> PortForward:
-        url = f"{access.server}/api/v1/namespaces/{namespace}/pods/{pod}/portforward"
-        try:
-            ws = await session.ws_connect(
-                url,
-                params={"ports": str(port)},
-                protocols=(PROTOCOL,),
-                headers=access.headers(),
-                ssl=ssl_context if ssl_context is not None else access.ssl_context(),
-                max_msg_size=0,
-                autoping=True,
-                compress=0,
-            )
-        except aiohttp.WSServerHandshakeError as e:
-            raise handshake_error(
-                e.status, e.message, namespace=namespace, pod=pod, port=port
-            ) from e
-        return cls(ws, port)
+        """``session`` only pools connections: credentials, TLS and the proxy come from
+        ``access``, so any plain ClientSession will do."""
+        server = access.server.rstrip("/")
+        url = f"{server}/api/v1/namespaces/{namespace}/pods/{pod}/portforward"
+        route = access.route
+        creds = await access.credentials()
+        for attempt in (1, 2):
+            try:
+                ws = await session.ws_connect(
+                    url,
+                    params={"ports": str(port)},
+                    protocols=(PROTOCOL,),
+                    headers=dict(creds.headers),
+                    ssl=creds.tls,
+                    max_msg_size=0,
+                    autoping=True,
+                    compress=0,
+                    **route.aiohttp_options(),
+                )
+            except aiohttp.WSServerHandshakeError as e:
+                if e.status == 401 and attempt == 1:
+                    creds = await access.credentials(rejected=creds)
+                    continue
+                raise handshake_error(
+                    e.status, e.message, namespace=namespace, pod=pod, port=port
+                ) from e
+            except (aiohttp.ClientError, TimeoutError, OSError) as e:
+                raise ApiUnreachable(server, e, proxy=route.proxy) from e
+            return cls(ws, port)
+        raise AssertionError("unreachable")
 
     async def send(self, data: bytes | bytearray | memoryview) -> None:
         await self._ws.send_bytes(b"\x00" + bytes(data))
