@@ -23,7 +23,11 @@ from tests.e2e.cluster import Cluster, wait_for
 
 VENV_PYTHON = "/opt/telepresence-dev/venv/bin/python"
 NS = "ambassador"
-IMAGE = f"ghcr.io/telepresence-py/traffic-manager:{__version__}"
+#: Our own image, which devcluster builds with deploy/'s recipe (the default needs none).
+OWN_IMAGE = f"ghcr.io/telepresence-py/traffic-manager:{__version__}"
+#: The default: the manager's code in ConfigMaps, on the official Python image (devcluster's
+#: stand-in has the same reference).
+BASE_IMAGE = "docker.io/library/python:3.11-slim"
 OLD_VERSION = "0.0.9"
 CLUSTER_ROLE = "traffic-manager-ambassador"
 NOPERM_NS = "tp-noperm"
@@ -47,7 +51,8 @@ async def main(args):
                 info = await find_manager_pod(api, "ambassador")
             else:
                 info = await ensure_manager(
-                    api, image=args["image"], version=args["version"],
+                    api, image=args.get("image"), base_image=args.get("base_image"),
+                    version=args["version"],
                     upgrade=args.get("upgrade", False),
                     progress=progress.append, timeout=args.get("timeout", 120))
         except KubeError as e:
@@ -117,7 +122,7 @@ asyncio.run(main())
 
 
 def install(cluster: Cluster, **args: Any) -> dict[str, Any]:
-    args = {"op": "ensure", "image": IMAGE, "version": __version__, **args}
+    args = {"op": "ensure", "version": __version__, **args}
     proc = cluster.laptop(VENV_PYTHON, "-c", INSTALLER, input=json.dumps(args), timeout=240)
     result: dict[str, Any] = json.loads(proc.stdout)
     return result
@@ -174,7 +179,8 @@ def test_a_user_who_may_only_read_pods_is_told_to_ask_an_admin(clean: Cluster) -
     assert result["type"] == "Forbidden"
     assert result["error"] == (
         "your user may not get deployments in namespace ambassador: ask a cluster admin to "
-        "install the traffic manager with `telepresence manifests | kubectl apply -f -`"
+        "install the traffic manager with "
+        "`telepresence manifests | kubectl apply --server-side -f -`"
     )
     assert not exists(cluster, "namespace", NS)
     assert not exists(cluster, "clusterrole", CLUSTER_ROLE)
@@ -210,7 +216,8 @@ def test_a_user_who_may_create_namespaces_but_not_rbac_changes_nothing(clean: Cl
     assert result["progress"] == ["Installing Traffic Manager"]
     assert result["error"].startswith(
         "your user may not patch serviceaccounts in namespace ambassador: ask a cluster admin "
-        "to install the traffic manager with `telepresence manifests | kubectl apply -f -`"
+        "to install the traffic manager with "
+        "`telepresence manifests | kubectl apply --server-side -f -`"
     )
     assert not exists(cluster, "namespace", NS)
     assert not exists(cluster, "clusterrole", CLUSTER_ROLE)
@@ -272,6 +279,88 @@ def test_install_is_idempotent_and_a_new_version_upgrades_only_when_asked(
     assert install(cluster) == {"info": {**new, "upgraded": False}, "progress": []}
 
 
+def code_configmaps(cluster: Cluster) -> dict[str, dict[str, Any]]:
+    listing = cluster.get("configmaps", "-n", NS, "-l", "telepresence-py/manager-code")
+    return {cm["metadata"]["name"]: cm for cm in listing["items"]}
+
+
+def manager_process(cluster: Cluster, pod_name: str) -> int:
+    pod = cluster.get("pod", pod_name, "-n", NS)
+    (pid,) = wait_for(lambda: cluster.container_pids(pod), timeout=30, what="its process")
+    return pid
+
+
+def test_the_default_manager_is_our_code_on_the_stock_python_image(clean: Cluster) -> None:
+    """No image of ours anywhere: the official Python image (devcluster's stand-in under
+    its reference), our code from ConfigMaps, non-root, read-only, no compiled extension
+    of ours, in a namespace that enforces the restricted level."""
+    cluster = clean
+    result = install(cluster)
+    assert "error" not in result, result
+    pod = cluster.get("pod", result["info"]["pod_name"], "-n", NS)
+    (container,) = pod["spec"]["containers"]
+    assert container["image"] == BASE_IMAGE
+    (status,) = pod["status"]["containerStatuses"]
+    assert status["image"] == BASE_IMAGE and status["ready"] is True
+    namespace = cluster.get("namespace", NS)
+    assert namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
+    maps = code_configmaps(cluster)
+    assert maps and all(cm["immutable"] is True for cm in maps.values())
+    (volume,) = [v for v in pod["spec"]["volumes"] if v["name"] == "code"]
+    assert sorted(s["configMap"]["name"] for s in volume["projected"]["sources"]) == sorted(maps)
+
+    pid = manager_process(cluster, pod["metadata"]["name"])
+    proc = Path(f"/proc/{pid}")
+    assert proc.joinpath("cmdline").read_bytes().split(b"\0")[:3] == [
+        b"python3", b"-m", b"telepresence.manager",
+    ]  # fmt: skip
+    uids = next(line for line in proc.joinpath("status").read_text().splitlines()
+                if line.startswith("Uid:"))  # fmt: skip
+    assert uids.split()[1:] == ["1000"] * 4
+    root = next(line.split() for line in proc.joinpath("mountinfo").read_text().splitlines()
+                if line.split()[4] == "/")  # fmt: skip
+    assert "ro" in root[5].split(",")
+    # The manager's msgspec is the pure one from the archives: no shared object of it (or
+    # of any other dependency) is mapped.
+    maps_text = proc.joinpath("maps").read_text()
+    assert "msgspec" not in maps_text and "site-packages" not in maps_text
+
+
+def test_our_own_image_replaces_the_code_and_the_stale_code_goes(clean: Cluster) -> None:
+    cluster = clean
+    assert "error" not in install(cluster)
+    current = code_configmaps(cluster)
+    # Left by an earlier version's install: another digest.
+    stale = next(iter(current.values()))
+    cluster.apply(
+        json.dumps(
+            {
+                "apiVersion": "v1",
+                "kind": "ConfigMap",
+                "metadata": {
+                    "name": "traffic-manager-code-0123456789ab-0",
+                    "namespace": NS,
+                    "labels": {"telepresence-py/manager-code": "0123456789ab"},
+                },
+                "binaryData": stale["binaryData"],
+            }
+        )
+    )
+    own = install(cluster, image=OWN_IMAGE)
+    assert own["progress"] == [
+        f"Updating Traffic Manager image to {OWN_IMAGE}",
+        "Waiting for Traffic Manager",
+    ]
+    pod = cluster.get("pod", own["info"]["pod_name"], "-n", NS)
+    assert pod["spec"]["containers"][0]["image"] == OWN_IMAGE
+    assert not [v for v in pod["spec"].get("volumes", []) if v["name"] == "code"]
+    assert code_configmaps(cluster) == {}  # our image carries its code
+
+    back = install(cluster, base_image=BASE_IMAGE)
+    assert "error" not in back, back
+    assert sorted(code_configmaps(cluster)) == sorted(current)
+
+
 def test_an_image_the_cluster_cannot_pull_is_named_with_the_flag_to_fix_it(
     clean: Cluster,
 ) -> None:
@@ -284,9 +373,9 @@ def test_an_image_the_cluster_cannot_pull_is_named_with_the_flag_to_fix_it(
     assert "--manager-image" in result["error"]
     assert "ErrImagePull" in result["error"]
     # The previous manager kept serving through the failed rollout; going back is quick.
-    back = install(cluster)
+    back = install(cluster, base_image=BASE_IMAGE)
     assert back["progress"] == [
-        f"Updating Traffic Manager image to {IMAGE}",
+        f"Updating Traffic Manager image to {BASE_IMAGE}",
         "Waiting for Traffic Manager",
     ]
     assert back["info"]["upgraded"] is True

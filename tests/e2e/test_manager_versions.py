@@ -165,6 +165,7 @@ def test_uninstall_leaves_nothing_that_connect_installed(cluster: Cluster) -> No
     assert _objects(cluster) != before  # connect installed something
     out = cluster.laptop("telepresence", "manager", "uninstall", timeout=180).stdout
     assert "Traffic Manager uninstalled" in out
+    assert "Deleted configmap/traffic-manager-code-" in out  # the default manager's code
     started = time.monotonic()
     wait_for(
         lambda: _objects(cluster) == before,

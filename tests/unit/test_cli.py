@@ -72,6 +72,8 @@ def test_config_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path.write_text("manager:\n  image: img:2\nrouting:\n  neverProxy: [10.0.5.0/24]\n")
     config = settings.load()
     assert config.manager_image == "img:2" and config.never_proxy == ["10.0.5.0/24"]
+    path.write_text("manager:\n  baseImage: mirror.example/python:3.11-slim\n")
+    assert settings.load().manager_base_image == "mirror.example/python:3.11-slim"
     path.write_text("routing:\n  alsoProxy: [nonsense]\n")
     with pytest.raises(settings.SettingsError, match="alsoProxy"):
         settings.load()
@@ -211,3 +213,22 @@ def test_the_test_overrides_stay_out_of_help() -> None:
     )
     assert "TELEPRESENCE_TEST" not in help_text
     assert "upgrade" in help_text and "uninstall" in help_text
+
+
+def test_which_manager_image_wins() -> None:
+    """A flag beats the config file, and an image of our own beats a base image at the
+    same level: it carries its own code."""
+    from telepresence.cli.main import _images
+
+    def images(argv: list[str], **config: str) -> tuple[str | None, str | None]:
+        args = parser().parse_args(["connect", *argv])
+        return _images(args, settings.Config(**config))
+
+    assert images([]) == (None, None)  # the default base image, with delivered code
+    assert images(["--manager-base-image", "mirror/py:3.11"]) == (None, "mirror/py:3.11")
+    assert images(["--manager-image", "own:1"]) == ("own:1", None)
+    assert images([], manager_base_image="b", manager_image="own:1") == ("own:1", None)
+    assert images([], manager_base_image="b") == (None, "b")
+    # The flag for a base image overrides an own image that only the config file names.
+    assert images(["--manager-base-image", "f"], manager_image="own:1") == (None, "f")
+    assert images(["--manager-image", "own:2"], manager_base_image="b") == ("own:2", None)

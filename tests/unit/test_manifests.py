@@ -3,13 +3,14 @@ that an installer can compare, and YAML that kubectl takes as is."""
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import pytest
 import yaml
 
 from telepresence import __version__, versions
-from telepresence.k8s import manifests
+from telepresence.k8s import managercode, manifests
 from telepresence.k8s.api import object_path
 from telepresence.manager import config
 from telepresence.manager.dialpolicy import DialPolicy
@@ -18,7 +19,28 @@ from telepresence.versions import ProtocolRange
 
 Obj = dict[str, Any]
 
-OBJECTS = manifests.manager_objects()
+#: 2000 bytes deflate cannot shrink.
+NOISE = b"".join(hashlib.sha256(bytes([i])).digest() for i in range(63))[:2000]
+#: A small stand-in for the code `connect` packs (tests/unit/test_managercode.py packs the
+#: real one): two archives, so ordering and naming show.
+CODE = managercode.pack(
+    [
+        managercode.SourceFile("telepresence/__init__.py", b'__version__ = "0"\n'),
+        managercode.SourceFile("yarl/__init__.py", NOISE),
+    ],
+    limit=2300,
+)
+OWN_IMAGE = manifests.default_image()
+
+
+def objects(**overrides: Any) -> list[Obj]:
+    """The default install: the stock base image with the code in ConfigMaps."""
+    kwargs: dict[str, Any] = {"image": manifests.DEFAULT_BASE_IMAGE, "code": CODE}
+    return manifests.manager_objects(**{**kwargs, **overrides})
+
+
+OBJECTS = objects()
+OWN_IMAGE_OBJECTS = objects(image=OWN_IMAGE, code=None)
 
 
 def by_kind(kind: str, objects: list[Obj] = OBJECTS) -> Obj:
@@ -112,8 +134,9 @@ def restricted_violations(spec: Obj) -> list[str]:
     return problems
 
 
-def test_the_manager_pod_passes_the_restricted_level() -> None:
-    assert restricted_violations(pod_spec()) == []
+@pytest.mark.parametrize("objs", [OBJECTS, OWN_IMAGE_OBJECTS], ids=["base-image", "own-image"])
+def test_the_manager_pod_passes_the_restricted_level(objs: list[Obj]) -> None:
+    assert restricted_violations(pod_spec(objs)) == []
 
 
 @pytest.mark.parametrize(
@@ -129,7 +152,7 @@ def test_the_manager_pod_passes_the_restricted_level() -> None:
 def test_the_static_check_catches_what_restricted_rejects(
     container_change: Obj, expected: str
 ) -> None:
-    spec = pod_spec(manifests.manager_objects())
+    spec = pod_spec(objects())
     spec["containers"][0]["securityContext"].update(container_change)
     if "seccompProfile" in container_change:
         spec["securityContext"].pop("seccompProfile")
@@ -210,7 +233,7 @@ def test_bindings_grant_the_roles_to_the_managers_service_account() -> None:
 
 
 def test_cluster_scoped_names_carry_the_namespace() -> None:
-    other = manifests.manager_objects(namespace="tp-other")
+    other = objects(namespace="tp-other")
     assert by_kind("ClusterRole", other)["metadata"]["name"] == "traffic-manager-tp-other"
     assert by_kind("ClusterRole")["metadata"]["name"] == "traffic-manager-ambassador"
 
@@ -218,16 +241,57 @@ def test_cluster_scoped_names_carry_the_namespace() -> None:
 # --- the deployment ---------------------------------------------------------------
 
 
-def test_the_default_image_is_the_package_version() -> None:
+def test_the_default_runs_the_delivered_code_on_the_stock_python_image() -> None:
     container = pod_spec()["containers"][0]
+    assert container["image"] == "docker.io/library/python:3.11-slim"
+    assert container["command"] == ["python3", "-m", "telepresence.manager"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    # The archives in order, from the read-only mount; nothing else of the image's.
+    assert env["PYTHONPATH"] == "/opt/telepresence-code/0.zip:/opt/telepresence-code/1.zip"
+    assert env["PYTHONDONTWRITEBYTECODE"] == env["PYTHONNOUSERSITE"] == "1"
+    assert all(env[k] == "1" for k in managercode.PURE_PYTHON_ENV)
+    assert container["volumeMounts"] == [
+        {"name": "code", "mountPath": "/opt/telepresence-code", "readOnly": True}
+    ]
+    (volume,) = pod_spec()["volumes"]
+    names = [s["configMap"]["name"] for s in volume["projected"]["sources"]]
+    assert names == [o["metadata"]["name"] for o in OBJECTS if o["kind"] == "ConfigMap"]
+
+
+def test_the_code_configmaps_are_immutable_named_by_digest_and_hold_the_archives() -> None:
+    import base64
+
+    maps = [o for o in OBJECTS if o["kind"] == "ConfigMap"]
+    assert len(maps) == len(CODE.archives) == 2
+    for i, cm in enumerate(maps):
+        assert cm["immutable"] is True
+        assert cm["metadata"]["name"] == f"traffic-manager-code-{CODE.short_digest}-{i}"
+        assert cm["metadata"]["labels"][manifests.CODE_LABEL] == CODE.short_digest
+        assert base64.b64decode(cm["binaryData"][f"{i}.zip"]) == CODE.archives[i]
+    template = by_kind("Deployment")["spec"]["template"]["metadata"]
+    assert template["annotations"][manifests.CODE_ANNOTATION] == f"sha256:{CODE.digest}"
+
+
+def test_other_code_rolls_the_pod() -> None:
+    other = managercode.pack([managercode.SourceFile("telepresence/__init__.py", b"")])
+    old, new = pod_spec(), pod_spec(objects(code=other))
+    assert old != new and old["volumes"] != new["volumes"]
+
+
+def test_our_own_image_carries_its_code() -> None:
+    container = pod_spec(OWN_IMAGE_OBJECTS)["containers"][0]
     assert container["image"] == f"ghcr.io/telepresence-py/traffic-manager:{__version__}"
     assert "args" not in container and "command" not in container
+    assert "volumes" not in pod_spec(OWN_IMAGE_OBJECTS)
+    assert not [o for o in OWN_IMAGE_OBJECTS if o["kind"] == "ConfigMap"]
+    env = {e["name"] for e in container["env"]}
+    assert "PYTHONPATH" not in env
 
 
 def test_the_image_and_version_are_parameters() -> None:
-    objects = manifests.manager_objects(image="registry.example/tm:dev", version="9.9.9")
-    deployment = by_kind("Deployment", objects)
-    assert pod_spec(objects)["containers"][0]["image"] == "registry.example/tm:dev"
+    objs = objects(image="registry.example/tm:dev", code=None, version="9.9.9")
+    deployment = by_kind("Deployment", objs)
+    assert pod_spec(objs)["containers"][0]["image"] == "registry.example/tm:dev"
     annotation = manifests.VERSION_ANNOTATION
     assert deployment["metadata"]["annotations"][annotation] == "9.9.9"
     assert deployment["spec"]["template"]["metadata"]["annotations"][annotation] == "9.9.9"
@@ -264,10 +328,8 @@ def test_env_carries_the_pod_identity_and_empty_dial_lists_by_default() -> None:
 
 
 def test_dial_lists_are_parameters_and_the_manager_parses_them_back() -> None:
-    objects = manifests.manager_objects(
-        dial_allow=["169.254.169.254/32"], dial_deny=["10.0.5.0/24", "10.0.6.0/24"]
-    )
-    env = {e["name"]: e.get("value") for e in pod_spec(objects)["containers"][0]["env"]}
+    objs = objects(dial_allow=["169.254.169.254/32"], dial_deny=["10.0.5.0/24", "10.0.6.0/24"])
+    env = {e["name"]: e.get("value") for e in pod_spec(objs)["containers"][0]["env"]}
     assert env["TELEPRESENCE_DIAL_ALLOW"] == "169.254.169.254/32"
     assert env["TELEPRESENCE_DIAL_DENY"] == "10.0.5.0/24,10.0.6.0/24"
     policy = DialPolicy.from_env({k: v for k, v in env.items() if v is not None})
@@ -307,7 +369,7 @@ def test_the_deployment_selects_its_own_pods() -> None:
 
 
 def test_the_yaml_is_plain_and_round_trips() -> None:
-    text = manifests.manifests_yaml()
+    text = manifests.manifests_yaml(image=manifests.DEFAULT_BASE_IMAGE, code=CODE)
     assert "&id" not in text and "*id" not in text  # no YAML anchors: kubectl users read it
     assert list(yaml.safe_load_all(text)) == OBJECTS
 
@@ -321,6 +383,8 @@ def test_objects_build_their_api_paths() -> None:
         "/apis/rbac.authorization.k8s.io/v1/clusterrolebindings/traffic-manager-ambassador",
         "/apis/rbac.authorization.k8s.io/v1/namespaces/ambassador/roles/traffic-manager",
         "/apis/rbac.authorization.k8s.io/v1/namespaces/ambassador/rolebindings/traffic-manager",
+        f"/api/v1/namespaces/ambassador/configmaps/traffic-manager-code-{CODE.short_digest}-0",
+        f"/api/v1/namespaces/ambassador/configmaps/traffic-manager-code-{CODE.short_digest}-1",
         "/apis/apps/v1/namespaces/ambassador/deployments/traffic-manager",
     ]
 
@@ -329,8 +393,8 @@ def test_the_installer_reads_back_the_dial_lists_it_applies() -> None:
     # `ensure_manager` re-applies when the configured lists differ from the installed ones.
     from telepresence.k8s.install import _dial_env_of
 
-    objects = manifests.manager_objects(dial_allow=["169.254.169.254/32"])
-    assert _dial_env_of(by_kind("Deployment", objects)) == ("169.254.169.254/32", "")
+    objs = objects(dial_allow=["169.254.169.254/32"])
+    assert _dial_env_of(by_kind("Deployment", objs)) == ("169.254.169.254/32", "")
     assert _dial_env_of(by_kind("Deployment")) == ("", "")
 
 
@@ -347,19 +411,20 @@ def test_the_protocol_range_travels_on_the_deployment_and_its_pods() -> None:
 def test_test_overrides_reach_the_manager_only_when_set() -> None:
     names = {e["name"] for e in pod_spec()["containers"][0]["env"]}
     assert versions.VERSION_ENV not in names
-    objects = manifests.manager_objects(extra_env={versions.VERSION_ENV: "9.9.9"})
-    env = {e["name"]: e.get("value") for e in pod_spec(objects)["containers"][0]["env"]}
+    objs = objects(extra_env={versions.VERSION_ENV: "9.9.9"})
+    env = {e["name"]: e.get("value") for e in pod_spec(objs)["containers"][0]["env"]}
     assert env[versions.VERSION_ENV] == "9.9.9"
 
 
-def test_a_faked_version_does_not_change_the_image() -> None:
-    objects = manifests.manager_objects(version="9.9.9")
-    assert pod_spec(objects)["containers"][0]["image"] == manifests.default_image(__version__)
+def test_a_faked_version_does_not_change_the_code() -> None:
+    faked = pod_spec(objects(version="9.9.9"))
+    assert faked["containers"][0]["image"] == manifests.DEFAULT_BASE_IMAGE
+    assert faked["volumes"] == pod_spec()["volumes"]
 
 
 def test_the_namespace_is_marked_only_when_the_installer_creates_it() -> None:
     assert "annotations" not in by_kind("Namespace")["metadata"]
-    owned = manifests.manager_objects(owns_namespace=True)
+    owned = objects(owns_namespace=True)
     annotations = by_kind("Namespace", owned)["metadata"]["annotations"]
     assert annotations == {manifests.CREATED_NAMESPACE_ANNOTATION: "true"}
 
@@ -368,7 +433,8 @@ def test_uninstall_deletes_every_installed_object_deployment_first_namespace_las
     refs = manifests.uninstall_objects("ambassador", delete_namespace=True)
     kinds = [r["kind"] for r in refs]
     assert kinds[0] == "Deployment" and kinds[-1] == "Namespace"
-    installed = {(o["kind"], o["metadata"]["name"]) for o in OBJECTS}
+    # The code ConfigMaps go by their label (their names change with the code).
+    installed = {(o["kind"], o["metadata"]["name"]) for o in OBJECTS if o["kind"] != "ConfigMap"}
     deleted = {(r["kind"], r["metadata"]["name"]) for r in refs}
     assert installed <= deleted
     assert deleted - installed == {("Service", "traffic-manager")}  # what older versions made

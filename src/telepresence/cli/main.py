@@ -42,7 +42,7 @@ def parser() -> argparse.ArgumentParser:
     sub.required = True
     p = sub.add_parser("connect", help="connect to the cluster (installs the traffic manager)")
     _kube_flags(p)
-    p.add_argument("--manager-image", help="traffic manager image reference")
+    _image_flags(p)
     p.add_argument(
         "--manager-namespace",
         default=None,
@@ -88,7 +88,7 @@ def parser() -> argparse.ArgumentParser:
     sub.add_parser("list", help="list intercepts")
     sub.add_parser("version", help="show the version")
     p = sub.add_parser("manifests", help="print the traffic manager's manifests (for GitOps)")
-    p.add_argument("--manager-image", help="traffic manager image reference")
+    _image_flags(p)
     p = sub.add_parser("manager", help="upgrade or uninstall the cluster's traffic manager")
     manager_sub = p.add_subparsers(dest="manager_command", metavar="ACTION")
     manager_sub.required = True
@@ -97,12 +97,34 @@ def parser() -> argparse.ArgumentParser:
         help="replace an older traffic manager with this client's (never downgrades)",
     )
     _manager_flags(p)
-    p.add_argument("--manager-image", help="traffic manager image reference")
+    _image_flags(p)
     p = manager_sub.add_parser(
         "uninstall", help="remove everything `connect` installed in the cluster"
     )
     _manager_flags(p)
     return top
+
+
+def _image_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--manager-base-image",
+        metavar="IMAGE",
+        help="the Python image the traffic manager's code runs on "
+        "(default docker.io/library/python:3.11-slim; set a mirror when air-gapped)",
+    )
+    p.add_argument(
+        "--manager-image",
+        metavar="IMAGE",
+        help="a traffic manager image of our own, with the code in it (deploy/ builds it)",
+    )
+
+
+def _images(args: argparse.Namespace, config: settings.Config) -> tuple[str | None, str | None]:
+    """(own image, base image): a flag wins over the config file, and an own image given
+    anywhere wins over a base image, as it carries its own code."""
+    base = args.manager_base_image or config.manager_base_image
+    own = args.manager_image or (None if args.manager_base_image else config.manager_image)
+    return own, (None if own else base)
 
 
 def _manager_flags(p: argparse.ArgumentParser) -> None:
@@ -149,7 +171,8 @@ def cmd_connect(args: argparse.Namespace) -> int:
         "kubeconfig": args.kubeconfig,
         "context": args.context,
         "namespace": args.namespace,
-        "manager_image": args.manager_image or config.manager_image,
+        "manager_image": _images(args, config)[0],
+        "manager_base_image": _images(args, config)[1],
         "manager_namespace": args.manager_namespace or config.manager_namespace,
         "manager_dial_allow": config.manager_dial_allow,
         "manager_dial_deny": config.manager_dial_deny,
@@ -209,12 +232,14 @@ def cmd_version(args: argparse.Namespace) -> int:
 
 
 def cmd_manifests(args: argparse.Namespace) -> int:
-    from telepresence.k8s import manifests
+    from telepresence.k8s import managercode, manifests
 
     config = settings.load()
+    own, base = _images(args, config)
     sys.stdout.write(
         manifests.manifests_yaml(
-            image=args.manager_image or config.manager_image,
+            image=own or base or manifests.DEFAULT_BASE_IMAGE,
+            code=None if own else managercode.build(),
             dial_allow=config.manager_dial_allow or (),
             dial_deny=config.manager_dial_deny or (),
         )
@@ -234,7 +259,8 @@ def cmd_manager(args: argparse.Namespace) -> int:
                 kubeconfig_path=args.kubeconfig,
                 context=args.context,
                 namespace=namespace,
-                image=args.manager_image or config.manager_image,
+                image=_images(args, config)[0],
+                base_image=_images(args, config)[1],
                 dial_allow=config.manager_dial_allow,
                 dial_deny=config.manager_dial_deny,
                 progress=progress.step,

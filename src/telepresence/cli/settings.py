@@ -3,6 +3,10 @@
 ~/.config/telepresence/config.yml (all keys optional):
 
     manager:
+      # The Python image the manager's code runs on (its code comes in ConfigMaps);
+      # a mirror of the default docker.io/library/python:3.11-slim for air-gapped clusters.
+      baseImage: registry.example.com/mirror/python:3.11-slim
+      # Or an image of our own with the code in it (deploy/ builds it); wins over baseImage.
       image: ghcr.io/telepresence-py/traffic-manager:0.1.0
       namespace: ambassador
       # The manager's dial policy (docs/architecture.md): open default-refused ranges,
@@ -31,6 +35,7 @@ class SettingsError(Exception):
 @dataclass(frozen=True)
 class Config:
     manager_image: str | None = None
+    manager_base_image: str | None = None
     manager_namespace: str | None = None
     also_proxy: list[str] = field(default_factory=list)
     never_proxy: list[str] = field(default_factory=list)
@@ -100,6 +105,7 @@ def load() -> Config:
     where = str(path)
     return Config(
         manager_image=manager.get("image"),
+        manager_base_image=manager.get("baseImage"),
         manager_namespace=manager.get("namespace"),
         manager_dial_allow=_cidr_key(manager, "dialAllow", where),
         manager_dial_deny=_cidr_key(manager, "dialDeny", where),

@@ -68,6 +68,7 @@ class ConnectRequest:
     context: str | None = None
     namespace: str | None = None
     manager_image: str | None = None
+    manager_base_image: str | None = None
     manager_namespace: str | None = None
     # The manager's dial policy lists; None: not configured, an installed manager keeps its.
     manager_dial_allow: tuple[str, ...] | None = None
@@ -89,6 +90,7 @@ class ConnectRequest:
             context=req.get("context"),
             namespace=req.get("namespace"),
             manager_image=req.get("manager_image"),
+            manager_base_image=req.get("manager_base_image"),
             manager_namespace=req.get("manager_namespace"),
             manager_dial_allow=None if allow is None else tuple(allow),
             manager_dial_deny=None if deny is None else tuple(deny),
@@ -199,6 +201,7 @@ class Session:
                 self.api,
                 namespace=self.manager_namespace,
                 image=self.request.manager_image,
+                base_image=self.request.manager_base_image,
                 version=self.version,
                 protocol=self.protocol,
                 dial_allow=self.request.manager_dial_allow,

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 from telepresence import versions
-from telepresence.k8s import installplan, manifests
+from telepresence.k8s import installplan, managercode, manifests
 from telepresence.k8s.api import (
     Forbidden,
     KubeApi,
@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 INSTALL_HINT = (
     "ask a cluster admin to install the traffic manager with "
-    "`telepresence manifests | kubectl apply -f -`"
+    "`telepresence manifests | kubectl apply --server-side -f -`"
 )
 
 #: Waiting reasons that mean the image will not arrive by waiting longer.
@@ -165,6 +165,7 @@ async def ensure_manager(
     *,
     namespace: str = manifests.DEFAULT_NAMESPACE,
     image: str | None = None,
+    base_image: str | None = None,
     version: str | None = None,
     protocol: ProtocolRange | None = None,
     dial_allow: Sequence[str] | None = None,
@@ -180,14 +181,16 @@ async def ensure_manager(
     :class:`Forbidden` (naming the missing permission and how an admin can install
     instead) or :class:`InstallError`.
 
-    ``image`` is an explicit choice (flag or config); None means our default image, which
-    does not replace another image on a manager of our version (an admin's mirror).
+    ``image`` (an image of our own, with the code in it) or ``base_image`` (a stock Python
+    image for the code this client delivers in ConfigMaps) is an explicit choice (flag or
+    config); neither means the default base image, which does not replace another image
+    on a manager of our version (an admin's mirror, or our own image).
     ``dial_allow``/``dial_deny`` (the user's config) re-apply a manager of our version
     whose dial policy differs; left None, they leave an installed manager's policy alone
     (an admin may have set it) and install the defaults."""
     version = version or versions.package_version()
     protocol = protocol or versions.protocol_range()
-    wanted_image = image or manifests.default_image()
+    wanted_image = image or base_image or manifests.DEFAULT_BASE_IMAGE
     wanted_dial = (
         None
         if dial_allow is None and dial_deny is None
@@ -205,13 +208,14 @@ async def ensure_manager(
                 version=version,
                 protocol=protocol,
                 image=wanted_image,
-                image_explicit=image is not None,
+                image_explicit=image is not None or base_image is not None,
                 dial=wanted_dial,
                 upgrade=upgrade,
             ),
         )
         if decision.action is Action.REFUSE:
             raise IncompatibleManager(decision.message)
+        code: managercode.CodeBundle | None = None
         if decision.message:
             progress(decision.message)
         if decision.action is Action.KEEP:
@@ -226,9 +230,15 @@ async def ensure_manager(
                 None,
             )
         else:
+            if image is None:
+                try:
+                    code = await asyncio.to_thread(managercode.build)
+                except managercode.CodeError as e:
+                    raise InstallError(str(e)) from e
             objects = manifests.manager_objects(
                 namespace=namespace,
                 image=wanted_image,
+                code=code,
                 version=version,
                 protocol=protocol,
                 dial_allow=dial_allow or (),
@@ -251,6 +261,9 @@ async def ensure_manager(
             dial=wait_for[2],
             timeout=timeout,
         )
+        if decision.action is not Action.KEEP:
+            keep = None if code is None else code.short_digest
+            await _delete_stale_code(api, namespace, keep=keep, best_effort=True)
     except Forbidden as e:
         raise e.with_hint(INSTALL_HINT) from e
     upgraded = decision.action in (Action.UPGRADE, Action.REAPPLY)
@@ -298,6 +311,10 @@ async def uninstall_manager(
         if await api.delete(object_path(ref)) is not None:
             removed.append(f"{ref['kind'].lower()}/{ref['metadata']['name']}")
             progress(f"Deleted {removed[-1]}")
+        if ref["kind"] == "Deployment":
+            for name in await _delete_stale_code(api, namespace, keep=None):
+                removed.append(name)
+                progress(f"Deleted {name}")
     if not removed:
         return removed
     progress("Waiting for the Traffic Manager to be gone")
@@ -339,6 +356,36 @@ async def _delete_obsolete(api: KubeApi, namespace: str) -> None:
             await api.delete(path)
         except KubeError as e:
             log.info("leaving %s in place: %s", path, e)
+
+
+def _code_configmaps_path(namespace: str) -> str:
+    return resource_path("v1", "configmaps", namespace=namespace)
+
+
+async def _delete_stale_code(
+    api: KubeApi, namespace: str, *, keep: str | None, best_effort: bool = False
+) -> list[str]:
+    """Deletes the code ConfigMaps of every digest but ``keep`` (all of them for None);
+    returns what went. After an install, once the new pod is Ready (a pod of the old
+    ReplicaSet still terminating keeps the files it mounted), and ``best_effort``, as
+    leftovers are inert."""
+    removed: list[str] = []
+    try:
+        listing = await api.list(
+            _code_configmaps_path(namespace), label_selector=manifests.CODE_SELECTOR
+        )
+        for item in listing.get("items") or []:
+            meta = item.get("metadata", {})
+            if keep is not None and (meta.get("labels") or {}).get(manifests.CODE_LABEL) == keep:
+                continue
+            path = resource_path("v1", "configmaps", namespace=namespace, name=meta["name"])
+            if await api.delete(path) is not None:
+                removed.append(f"configmap/{meta['name']}")
+    except KubeError as e:
+        if not best_effort:
+            raise
+        log.info("leaving the manager's old code ConfigMaps in place: %s", e)
+    return removed
 
 
 async def _dry_run(api: KubeApi, objects: list[Obj]) -> None:
@@ -385,8 +432,9 @@ async def _wait_ready(
                     )
                 raise InstallError(
                     f"the cluster cannot pull the Traffic Manager image {image} ({why}): "
-                    "make sure the cluster can reach its registry, or pass --manager-image "
-                    "with an image it can pull"
+                    "make sure the cluster can reach its registry, or pass "
+                    "--manager-base-image with a Python image it can pull (a mirror of "
+                    f"{manifests.DEFAULT_BASE_IMAGE}) or --manager-image with our own image"
                 )
         return None
 

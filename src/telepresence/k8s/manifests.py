@@ -18,12 +18,14 @@ pod network sees only the health port, which answers `GET /readyz` and nothing e
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Sequence
 from typing import Any
 
 import yaml
 
 from telepresence import __version__
+from telepresence.k8s.managercode import PURE_PYTHON_ENV, CodeBundle
 from telepresence.manager import config
 from telepresence.manager.dialpolicy import format_networks
 from telepresence.versions import ProtocolRange, protocol_range
@@ -48,13 +50,80 @@ HEALTH_PORT = config.HEALTH_PORT
 #: The uid the image's USER is; "restricted" needs non-root, and a numeric uid lets the
 #: kubelet verify runAsNonRoot without reading the image.
 RUN_AS_USER = 1000
+#: The image of our own (deploy/manager-image.toml), for those who build and load it.
 IMAGE_REPOSITORY = "ghcr.io/telepresence-py/traffic-manager"
+#: The default: an official Python image any cluster can pull, with the manager's code
+#: delivered in ConfigMaps (`k8s/managercode.py`). Fully qualified, as CRI-O refuses
+#: short names. Air-gapped users mirror it and set ``manager.baseImage``.
+DEFAULT_BASE_IMAGE = "docker.io/library/python:3.11-slim"
+#: On the pod template: the digest of the code it mounts, so the user sees which code a
+#: pod runs (the ConfigMaps' names carry it too, which is what rolls the pod).
+CODE_ANNOTATION = "telepresence-py/code"
+#: Labels the code ConfigMaps: the installer deletes those of other digests once a
+#: rollout is done, and uninstall deletes them all.
+CODE_LABEL = "telepresence-py/manager-code"
+CODE_SELECTOR = f"{CODE_LABEL}"
+#: Where the code ConfigMaps are mounted in the pod.
+CODE_DIR = "/opt/telepresence-code"
 
 _MANAGED = {"app.kubernetes.io/name": NAME, "app.kubernetes.io/managed-by": "telepresence"}
 
 
 def default_image(version: str = __version__) -> str:
+    """The reference of our own image for ``version`` (built by deploy/'s recipe)."""
     return f"{IMAGE_REPOSITORY}:{version}"
+
+
+def code_configmap_name(bundle: CodeBundle, index: int) -> str:
+    return f"{NAME}-code-{bundle.short_digest}-{index}"
+
+
+def code_configmaps(namespace: str, bundle: CodeBundle) -> list[Obj]:
+    """One immutable ConfigMap per archive, named by the code's digest: a pod keeps the
+    code it started with through a rollout (an edited ConfigMap would change under a
+    running manager), and the kubelet need not watch immutable ones."""
+    return [
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": _meta(
+                code_configmap_name(bundle, i),
+                namespace,
+                labels={CODE_LABEL: bundle.short_digest},
+            ),
+            "immutable": True,
+            "binaryData": {f"{i}.zip": base64.b64encode(archive).decode()},
+        }
+        for i, archive in enumerate(bundle.archives)
+    ]
+
+
+def _code_delivery(bundle: CodeBundle) -> Obj:
+    """What the container needs to run the code of ``bundle`` on a stock Python image:
+    the command, the environment and the mounted archives."""
+    path = ":".join(f"{CODE_DIR}/{i}.zip" for i in range(len(bundle.archives)))
+    return {
+        "command": ["python3", "-m", "telepresence.manager"],
+        "env": [
+            {"name": "PYTHONPATH", "value": path},
+            # Nothing may be written (read-only root), and nothing of the image's user
+            # site or bytecode caches may shadow the mounted code.
+            {"name": "PYTHONDONTWRITEBYTECODE", "value": "1"},
+            {"name": "PYTHONNOUSERSITE", "value": "1"},
+            {"name": "PYTHONUNBUFFERED", "value": "1"},
+            *({"name": k, "value": v} for k, v in sorted(PURE_PYTHON_ENV.items())),
+        ],
+        "volumeMounts": [{"name": "code", "mountPath": CODE_DIR, "readOnly": True}],
+        "volume": {
+            "name": "code",
+            "projected": {
+                "sources": [
+                    {"configMap": {"name": code_configmap_name(bundle, i)}}
+                    for i in range(len(bundle.archives))
+                ],
+            },
+        },
+    }
 
 
 def cluster_role_name(namespace: str) -> str:
@@ -209,11 +278,51 @@ def deployment(
     dial_allow: Sequence[str] = (),
     dial_deny: Sequence[str] = (),
     extra_env: dict[str, str] | None = None,
+    code: CodeBundle | None = None,
 ) -> Obj:
+    """``code``: run that code on ``image``, a stock Python image; None: ``image`` is
+    one of our own, with the code in it."""
     annotations = {
         VERSION_ANNOTATION: version,
         PROTOCOL_ANNOTATION: str(protocol or protocol_range()),
     }
+    container: Obj = {
+        "name": NAME,
+        "image": image,
+        "imagePullPolicy": "IfNotPresent",
+        # Only the health port: the tunnel port listens on the pod's loopback, for
+        # port-forwards, and is not the pod network's.
+        "ports": [{"name": "health", "containerPort": HEALTH_PORT, "protocol": "TCP"}],
+        "env": manager_env(dial_allow=dial_allow, dial_deny=dial_deny, extra=extra_env),
+        "securityContext": _restricted_security_context(),
+        # Ready once the tunnel listens; `connect` waits for it.
+        "readinessProbe": _health_probe(period=2, failures=3),
+        # Restarted only after a minute without an answer (a wedged event loop), never
+        # for one slow moment.
+        "livenessProbe": _health_probe(period=10, failures=6),
+        "resources": config.resources(),
+    }
+    pod_annotations = dict(annotations)
+    volumes: list[Obj] = []
+    if code is not None:
+        delivery = _code_delivery(code)
+        container["command"] = delivery["command"]
+        container["env"] = [*container["env"], *delivery["env"]]
+        container["volumeMounts"] = delivery["volumeMounts"]
+        volumes.append(delivery["volume"])
+        pod_annotations[CODE_ANNOTATION] = f"sha256:{code.digest}"
+    pod_spec: Obj = {
+        "serviceAccountName": NAME,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": RUN_AS_USER,
+            "runAsGroup": RUN_AS_USER,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [container],
+    }
+    if volumes:
+        pod_spec["volumes"] = volumes
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -222,37 +331,8 @@ def deployment(
             "replicas": 1,
             "selector": {"matchLabels": dict(APP_LABEL)},
             "template": {
-                "metadata": {"labels": {**_MANAGED, **APP_LABEL}, "annotations": dict(annotations)},
-                "spec": {
-                    "serviceAccountName": NAME,
-                    "securityContext": {
-                        "runAsNonRoot": True,
-                        "runAsUser": RUN_AS_USER,
-                        "runAsGroup": RUN_AS_USER,
-                        "seccompProfile": {"type": "RuntimeDefault"},
-                    },
-                    "containers": [
-                        {
-                            "name": NAME,
-                            "image": image,
-                            # Only the health port: the tunnel port listens on the pod's
-                            # loopback, for port-forwards, and is not the pod network's.
-                            "ports": [
-                                {"name": "health", "containerPort": HEALTH_PORT, "protocol": "TCP"},
-                            ],
-                            "env": manager_env(
-                                dial_allow=dial_allow, dial_deny=dial_deny, extra=extra_env
-                            ),
-                            "securityContext": _restricted_security_context(),
-                            # Ready once the tunnel listens; `connect` waits for it.
-                            "readinessProbe": _health_probe(period=2, failures=3),
-                            # Restarted only after a minute without an answer (a wedged
-                            # event loop), never for one slow moment.
-                            "livenessProbe": _health_probe(period=10, failures=6),
-                            "resources": config.resources(),
-                        }
-                    ],
-                },
+                "metadata": {"labels": {**_MANAGED, **APP_LABEL}, "annotations": pod_annotations},
+                "spec": pod_spec,
             },
         },
     }
@@ -265,7 +345,8 @@ def _field_env(name: str, path: str) -> Obj:
 def manager_objects(
     *,
     namespace: str = DEFAULT_NAMESPACE,
-    image: str | None = None,
+    image: str,
+    code: CodeBundle | None,
     version: str = __version__,
     protocol: ProtocolRange | None = None,
     dial_allow: Sequence[str] = (),
@@ -273,9 +354,9 @@ def manager_objects(
     owns_namespace: bool = False,
     extra_env: dict[str, str] | None = None,
 ) -> list[Obj]:
-    """Every object, in the order to apply them: the namespace and RBAC before the pod
-    that needs them. ``image`` defaults to the image of *this code's* version, whatever
-    ``version`` reports (a test may fake the version, not the code it runs)."""
+    """Every object, in the order to apply them: the namespace, RBAC and code before the
+    pod that needs them. ``code`` runs on ``image``, a stock Python image; without it,
+    ``image`` is one of our own. ``version`` may be faked by a test, the code it runs not."""
     return [
         namespace_object(namespace, owned=owns_namespace),
         service_account(namespace),
@@ -283,9 +364,11 @@ def manager_objects(
         cluster_role_binding(namespace),
         role(namespace),
         role_binding(namespace),
+        *(code_configmaps(namespace, code) if code is not None else ()),
         deployment(
             namespace,
-            image=image or default_image(),
+            image=image,
+            code=code,
             version=version,
             protocol=protocol,
             dial_allow=dial_allow,
@@ -326,14 +409,16 @@ def uninstall_objects(namespace: str, *, delete_namespace: bool) -> list[Obj]:
 
 
 def to_yaml(objects: list[Obj]) -> str:
-    """A multi-document YAML stream, as `kubectl apply -f -` takes it."""
+    """A multi-document YAML stream, as `kubectl apply --server-side -f -` takes it (the
+    code ConfigMaps are too large for the annotation client-side apply would add)."""
     return yaml.safe_dump_all(objects, sort_keys=False, default_flow_style=False)
 
 
 def manifests_yaml(
     *,
     namespace: str = DEFAULT_NAMESPACE,
-    image: str | None = None,
+    image: str,
+    code: CodeBundle | None,
     version: str = __version__,
     dial_allow: Sequence[str] = (),
     dial_deny: Sequence[str] = (),
@@ -342,6 +427,7 @@ def manifests_yaml(
         manager_objects(
             namespace=namespace,
             image=image,
+            code=code,
             version=version,
             dial_allow=dial_allow,
             dial_deny=dial_deny,

@@ -10,8 +10,11 @@ from __future__ import annotations
 from telepresence import __version__ as _telepresence_version
 
 MANAGER_IMAGE = f"ghcr.io/telepresence-py/traffic-manager:{_telepresence_version}"
-#: The stand-in for a stock `python:3.x-slim`: python3 on PATH, root, nothing of ours.
-PYTHON_BASE_IMAGE = "devcluster.local/python-base:3.11"
+#: The stand-in for the official `python:3.11-slim`, under the very reference the traffic
+#: manager runs on by default (telepresence.k8s.manifests.DEFAULT_BASE_IMAGE), so a
+#: default `connect` takes the path it takes on any cluster. The contract is the official
+#: image's: python3 on PATH, root by default, nothing of ours in it.
+PYTHON_BASE_IMAGE = "docker.io/library/python:3.11-slim"
 HTTP_IMAGE = "devcluster.local/http-server:1.0"
 TCP_ECHO_IMAGE = "devcluster.local/tcp-echo:1.0"
 UDP_ECHO_IMAGE = "devcluster.local/udp-echo:1.0"
