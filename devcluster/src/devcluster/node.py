@@ -243,7 +243,8 @@ def image_digests(settings: Settings) -> dict[str, str]:
 
 def import_images(settings: Settings, archives: dict[str, Path]) -> list[str]:
     """Imports (and unpacks) every archive whose image containerd lacks or holds at another
-    digest, so a rebuilt image reaches the node without a restart; returns what it imported."""
+    digest, so a rebuilt image reaches the node without a restart, and removes the names it
+    no longer builds; returns what it imported."""
     from devcluster.oci import manifest_digest
 
     held = image_digests(settings)
@@ -253,6 +254,12 @@ def import_images(settings: Settings, archives: dict[str, Path]) -> list[str]:
             continue
         _ctr(settings, "images", "import", str(archive))
         imported.append(reference)
+    # Names devcluster no longer builds (a renamed image) go, as they would not exist on a
+    # fresh node: the kubelet reports an image by any of its names. The CRI's own
+    # digest references (sha256:...) stay.
+    stale = [ref for ref in held if ref not in archives and "sha256:" not in ref]
+    if stale:
+        _ctr(settings, "images", "rm", *sorted(stale))
     return imported
 
 
