@@ -166,13 +166,14 @@ def cmd_quit(args: argparse.Namespace) -> int:
 def cmd_connect(args: argparse.Namespace) -> int:
     # Flags and config first: a bad value must fail before any process is started.
     config = settings.load()
+    own_image, base_image = _images(args, config)
     request: dict[str, Any] = {
         "cmd": "connect",
         "kubeconfig": args.kubeconfig,
         "context": args.context,
         "namespace": args.namespace,
-        "manager_image": _images(args, config)[0],
-        "manager_base_image": _images(args, config)[1],
+        "manager_image": own_image,
+        "manager_base_image": base_image,
         "manager_namespace": args.manager_namespace or config.manager_namespace,
         "manager_dial_allow": config.manager_dial_allow,
         "manager_dial_deny": config.manager_dial_deny,
@@ -251,6 +252,9 @@ def cmd_manager(args: argparse.Namespace) -> int:
     from telepresence.cli import manager
 
     config = settings.load()
+    own_image, base_image = (
+        _images(args, config) if args.manager_command == "upgrade" else (None, None)
+    )
     namespace = args.manager_namespace or config.manager_namespace or "ambassador"
     progress = render.Progress(sys.stdout)
     try:
@@ -259,8 +263,8 @@ def cmd_manager(args: argparse.Namespace) -> int:
                 kubeconfig_path=args.kubeconfig,
                 context=args.context,
                 namespace=namespace,
-                image=_images(args, config)[0],
-                base_image=_images(args, config)[1],
+                image=own_image,
+                base_image=base_image,
                 dial_allow=config.manager_dial_allow,
                 dial_deny=config.manager_dial_deny,
                 progress=progress.step,
