@@ -138,10 +138,12 @@ class FakePlugin:
         self.runs = 0
         self.lifetime = lifetime
         self.delay = delay
+        self.started = asyncio.Event()
 
     async def run(self, config: ExecConfig) -> ExecCredential:
         self.runs += 1
-        await asyncio.sleep(self.delay)
+        self.started.set()
+        await asyncio.sleep(self.delay)  # a slow plugin, not a wait for anything
         until = None if self.lifetime is None else self.now + self.lifetime
         return ExecCredential(token=f"token-{self.runs}", expires_at=until, obtained_at=self.now)
 
@@ -188,7 +190,7 @@ async def test_a_cancelled_run_leaves_the_cache_usable() -> None:
     fake = FakePlugin(delay=10)
     plugin = plugin_with(fake)
     task = asyncio.create_task(plugin.get(), name="plugin-get")
-    await asyncio.sleep(0.01)
+    await asyncio.wait_for(fake.started.wait(), 5)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
