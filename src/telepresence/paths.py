@@ -9,6 +9,9 @@ import os
 import stat
 from pathlib import Path
 
+#: The root network helper's command (a console script of the wheel), found on PATH.
+HELPER_COMMAND = "telepresence-helper"
+
 
 def _home() -> Path:
     return Path(os.environ.get("HOME") or Path.home())

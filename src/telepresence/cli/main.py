@@ -17,9 +17,8 @@ from collections.abc import Callable
 from typing import Any
 
 from telepresence import __version__
-from telepresence.cli import client, render, settings
-
-HELPER_COMMAND = "telepresence-helper"
+from telepresence.cli import client, helperstart, render, settings
+from telepresence.paths import HELPER_COMMAND
 
 
 class CliError(Exception):
@@ -196,11 +195,28 @@ def cmd_connect(args: argparse.Namespace) -> int:
     if not status["user_daemon"]["running"]:
         print("Launching Telepresence Daemon ...", flush=True)
         client.launch_daemon(debug=args.debug)
+    if os.geteuid() != 0:
+        _start_helper(debug=args.debug)
     result = client.request_with_progress(request, render.Progress(sys.stdout))
     print(f"Connected to context {result['context']} ({result['server']})")
     for warning in result.get("warnings", []):
         print(f"Warning: {warning}", file=sys.stderr)
     return 0
+
+
+def _start_helper(*, debug: bool) -> None:
+    """The root helper, through sudo on this terminal, before the daemon connects; on a
+    refusal the daemon goes too, so nothing is left behind."""
+    listening = client.request({"cmd": "helper-listen"})
+    if listening is None:
+        raise client.DaemonError("the daemon stopped at start; see its log")
+    try:
+        helperstart.start_helper(listening["socket"], debug=debug)
+    except (helperstart.HelperStartError, KeyboardInterrupt) as e:
+        client.quit()
+        if isinstance(e, KeyboardInterrupt):
+            raise CliError("interrupted; nothing was changed") from None
+        raise CliError(str(e)) from None
 
 
 def cmd_intercept(args: argparse.Namespace) -> int:

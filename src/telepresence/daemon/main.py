@@ -19,6 +19,7 @@ from typing import Any
 
 from telepresence import __version__, paths, versions
 from telepresence.daemon.session import ConnectError, ConnectRequest, Session
+from telepresence.netfilter.client import HelperListener
 
 log = logging.getLogger("telepresence.daemon")
 
@@ -27,6 +28,9 @@ class Daemon:
     def __init__(self, *, debug: bool) -> None:
         self.debug = debug
         self.session: Session | None = None
+        #: Where the helper `connect` starts on the user's terminal connects, from the
+        #: CLI's `helper-listen` until the next connect takes it.
+        self.helper_listener: HelperListener | None = None
         self.stopping = asyncio.Event()
         self.server: asyncio.Server | None = None
         self._connecting = asyncio.Lock()
@@ -54,6 +58,9 @@ class Daemon:
             log.info("user daemon stopped")
 
     async def _end_session(self) -> None:
+        if self.helper_listener is not None:
+            self.helper_listener.close()
+            self.helper_listener = None
         session, self.session = self.session, None
         if session is not None:
             await session.close()
@@ -75,6 +82,8 @@ class Daemon:
             cmd = req.get("cmd")
             if cmd == "status":
                 send({"result": self.status()})
+            elif cmd == "helper-listen":
+                send(self._helper_listen())
             elif cmd == "connect":
                 await self._connect(req, send)
             elif cmd in ("intercept", "leave", "list"):
@@ -97,7 +106,10 @@ class Daemon:
                 send({"result": self.session.connect_result()})
                 return
             request = ConnectRequest.from_json(req)
-            session = Session(request, debug=self.debug, on_lost=self._session_lost)
+            listener, self.helper_listener = self.helper_listener, None
+            session = Session(
+                request, debug=self.debug, on_lost=self._session_lost, helper_listener=listener
+            )
             try:
                 result = await session.connect(lambda text: send({"progress": text}))
             except ConnectError as e:
@@ -119,6 +131,14 @@ class Daemon:
                 return
             self.session = session
             send({"result": result})
+
+    def _helper_listen(self) -> dict[str, Any]:
+        """Opens the socket for a helper the CLI starts (see `HelperListener`)."""
+        if self.session is not None:
+            return {"error": "already connected; run `telepresence quit` first"}
+        if self.helper_listener is None:
+            self.helper_listener = HelperListener(paths.runtime_dir())
+        return {"result": {"socket": str(self.helper_listener.path)}}
 
     def _intercepts(self, cmd: str, req: dict[str, Any]) -> dict[str, Any]:
         session = self.session

@@ -44,14 +44,14 @@ from telepresence.k8s.api import (
 from telepresence.k8s.install import ensure_manager, find_manager_pod
 from telepresence.k8s.manifests import DEFAULT_NAMESPACE, TUNNEL_PORT
 from telepresence.k8s.portforward import PortForward, portforward_hint
-from telepresence.netfilter.client import HelperClient, HelperError
+from telepresence.netfilter.client import HelperClient, HelperError, HelperListener
 from telepresence.netfilter.resolvconf import RESOLV_CONF, ResolvConf, read_resolv_conf
 from telepresence.netfilter.subnets import parse_cidr_list, routed_subnets
+from telepresence.paths import HELPER_COMMAND
 from telepresence.tunnel.messages import ClusterInfo
 
 log = logging.getLogger("telepresence.session")
 
-HELPER_COMMAND = "telepresence-helper"
 # Port-forward connections per session: enough to spread flows, few enough to be cheap.
 POOL_SIZE = 4
 # Where the laptop's nameservers listen (tests move it: fakes on loopback need no root).
@@ -127,9 +127,16 @@ def api_server_addresses(server: str) -> list[str]:
 
 class Session:
     def __init__(
-        self, request: ConnectRequest, *, debug: bool, on_lost: Callable[[str], None]
+        self,
+        request: ConnectRequest,
+        *,
+        debug: bool,
+        on_lost: Callable[[str], None],
+        helper_listener: HelperListener | None = None,
     ) -> None:
         self.request = request
+        #: Where the helper the CLI started connects; None: the daemon starts it itself.
+        self.helper_listener = helper_listener
         self.debug = debug
         self.on_lost = on_lost
         self.access: kubeconfig.ClusterAccess | None = None
@@ -260,11 +267,7 @@ class Session:
         self.dns_port = await self.dns.start()
 
         try:
-            self.helper = await HelperClient.start(
-                command=helper_command(),
-                runtime_dir=paths.runtime_dir(),
-                debug=self.debug,
-            )
+            self.helper = await self._start_helper()
         except HelperError as e:
             if "password" in str(e) or "sudo" in str(e):
                 raise ConnectError(
@@ -392,6 +395,19 @@ class Session:
             search_namespaces=self.search_namespaces(),
             local_search_domains=self.resolv.search,
         )
+
+    async def _start_helper(self) -> HelperClient:
+        """The helper the CLI started on the user's terminal (where sudo could ask for a
+        password), or one this daemon starts with ``sudo -n`` (root, or no CLI in front)."""
+        listener, self.helper_listener = self.helper_listener, None
+        if listener is None:
+            return await HelperClient.start(
+                command=helper_command(), runtime_dir=paths.runtime_dir(), debug=self.debug
+            )
+        try:
+            return await listener.accept()
+        finally:
+            listener.close()
 
     def _cluster_subnets(self) -> list[str]:
         """What to ask the helper to route: it refuses subnets that cover the API
@@ -566,6 +582,9 @@ class Session:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         steps: list[tuple[str, Callable[[], Any]]] = []
+        if self.helper_listener is not None:
+            # A helper that connected but was never used sees the reset and exits.
+            steps.append(("helper socket", self.helper_listener.close))
         if self.udp is not None:
             steps.append(("udp relay", self.udp.close))
         if self.helper is not None:

@@ -1,8 +1,10 @@
 """The user daemon's side of the network helper: start it through sudo, then drive it.
 
 Runs unprivileged.  The daemon listens on a Unix socket in its own 0700
-runtime directory and starts ``sudo -n telepresence-helper --connect PATH``;
-sudo closes inherited descriptors, so the helper connects back by path.
+runtime directory and starts ``sudo -n telepresence-helper --connect PATH``
+(:meth:`HelperClient.start`), or waits for the one `telepresence connect` started on
+the user's terminal (:class:`HelperListener`); sudo closes inherited
+descriptors, so the helper connects back by path.
 After that, one request at a time; each method below is one request.
 
 If the connection drops (the helper died), every call raises
@@ -16,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import socket
 import struct
 from collections import deque
@@ -51,9 +54,11 @@ from telepresence.netfilter.protocol import (
 from telepresence.netfilter.subnets import IPAddress, IPNetwork
 
 __all__ = [
+    "HELPER_SOCKET",
     "HelperClient",
     "HelperError",
     "HelperGone",
+    "HelperListener",
     "HostRoutes",
     "Nameservers",
     "SetupResult",
@@ -66,6 +71,10 @@ _UCRED = struct.Struct("3i")
 _R = TypeVar("_R", bound=Response)
 #: The last lines the helper wrote to stderr, quoted when it fails to start.
 _STDERR_LINES = 20
+
+
+#: The socket's name in the daemon's runtime directory.
+HELPER_SOCKET = "helper.sock"
 
 
 class HelperError(Exception):
@@ -161,13 +170,8 @@ class HelperClient:
         :class:`HelperError` with the helper's (or sudo's) last error line
         when it exits before connecting, and on ``timeout``.
         """
-        path = runtime_dir / "helper.sock"
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        listener.setblocking(False)
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
-        listener.bind(str(path))
-        listener.listen(1)
+        path = runtime_dir / HELPER_SOCKET
+        listener = _listen(path)
         stderr_lines: deque[str] = deque(maxlen=_STDERR_LINES)
         loop = asyncio.get_running_loop()
         process: asyncio.subprocess.Process | None = None
@@ -372,8 +376,20 @@ class HelperClient:
             await asyncio.wait({self._stderr_task}, timeout=1.0)
 
     async def wait_exited(self) -> int | None:
-        """The helper's (sudo's) exit status, once it exits; None if not started here."""
-        return None if self._process is None else await self._process.wait()
+        """Returns once the helper has exited: with its (sudo's) exit status when started
+        here, None for one the CLI started (watched through a pidfd on the pid it
+        reported, as it is not our child)."""
+        if self._process is not None:
+            return await self._process.wait()
+        try:
+            pidfd = os.pidfd_open(self.helper_pid)
+        except ProcessLookupError:
+            return None
+        try:
+            await _readable(asyncio.get_running_loop(), pidfd)
+        finally:
+            os.close(pidfd)
+        return None
 
     async def __aenter__(self) -> HelperClient:
         return self
@@ -467,9 +483,10 @@ class HelperClient:
             return data, fds
 
 
-async def _readable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+async def _readable(loop: asyncio.AbstractEventLoop, source: socket.socket | int) -> None:
+    """Returns once ``source`` (a socket, or a descriptor such as a pidfd) is readable."""
     ready: asyncio.Future[None] = loop.create_future()
-    fd = sock.fileno()
+    fd = source if isinstance(source, int) else source.fileno()
 
     def wake() -> None:
         if not ready.done():
@@ -489,6 +506,48 @@ def _close_orphaned_fds(task: asyncio.Task[tuple[Response, list[int]]]) -> None:
     """The caller was cancelled: nobody will take these descriptors."""
     if not task.cancelled() and task.exception() is None:
         _close_fds(task.result()[1])
+
+
+class HelperListener:
+    """Where a helper that someone else started connects: `telepresence connect` runs
+    ``sudo telepresence-helper --connect PATH --detach`` on the user's terminal, so that
+    sudo can ask for the password there, before the daemon connects anything."""
+
+    def __init__(self, runtime_dir: Path) -> None:
+        self.path = runtime_dir / HELPER_SOCKET
+        self._listener = _listen(self.path)
+
+    async def accept(self, *, timeout: float = 30.0) -> HelperClient:
+        """The helper's client once it has connected and said Hello; raises
+        :class:`HelperGone` when none came within ``timeout``."""
+        loop = asyncio.get_running_loop()
+        try:
+            conn, _addr = await asyncio.wait_for(loop.sock_accept(self._listener), timeout)
+        except TimeoutError:
+            raise HelperGone(f"the network helper did not connect within {timeout}s") from None
+        try:
+            _check_peer_is_root(conn)
+            return await asyncio.wait_for(HelperClient.from_socket(conn), timeout)
+        except BaseException:
+            conn.close()
+            raise
+
+    def close(self) -> None:
+        self._listener.close()
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+
+def _listen(path: Path) -> socket.socket:
+    """A listening socket at ``path``, in a directory only the user may enter: anyone who
+    could connect first would be talking to root's helper."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.setblocking(False)
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    listener.bind(str(path))
+    listener.listen(1)
+    return listener
 
 
 def _check_peer_is_root(conn: socket.socket) -> None:

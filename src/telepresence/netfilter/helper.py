@@ -1,7 +1,9 @@
 """The network helper: the one root process, making only the privileged changes.
 
-Started by the unprivileged user daemon as
-``sudo -n telepresence-helper --connect PATH``: the daemon listens on a Unix
+Started as ``sudo telepresence-helper --connect PATH --detach`` by `telepresence
+connect` on the user's terminal (so sudo can ask for the password there), or as
+``sudo -n telepresence-helper --connect PATH`` by the user daemon when it runs
+without a CLI in front of it: the daemon listens on a Unix
 socket in its owner-only runtime directory, the helper connects to it (sudo
 closes inherited descriptors, hence a path), checks that the peer is the
 user who ran sudo, and serves requests (see :mod:`.protocol`) until the
@@ -28,7 +30,7 @@ import signal
 import socket
 import struct
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from telepresence.netfilter import fdpass, protocol
@@ -216,8 +218,40 @@ def cleanup(journal_dir: Path = DEFAULT_DIR) -> int:
     return 1 if report.failed else 0
 
 
-def run(path: str, *, journal_dir: Path = DEFAULT_DIR) -> int:
-    """``--connect PATH``: serve one daemon, then undo everything and return."""
+def detach() -> int | Callable[[str], None]:
+    """``--detach``: in the parent, waits until the child has connected to the daemon (or
+    failed to) and returns the exit status, so the CLI learns the outcome from sudo's; in
+    the child, which lives on without the terminal once sudo and the CLI have gone,
+    returns the function that ends that report: ``ok``, or why it could not connect.
+    """
+    read_end, write_end = os.pipe()
+    if os.fork() > 0:
+        os.close(write_end)
+        with os.fdopen(read_end) as pipe:
+            report = pipe.read().strip()
+        if report == "ok":
+            return 0
+        print(f"telepresence-helper: {report or 'exited before connecting'}", file=sys.stderr)
+        return 2
+    os.close(read_end)
+    os.setsid()  # no terminal: the user closing it must not end the session
+
+    def report_and_let_go(text: str) -> None:
+        os.write(write_end, text.encode() + b"\n")
+        os.close(write_end)
+        devnull = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(devnull, fd)
+        os.close(devnull)
+
+    return report_and_let_go
+
+
+def run(
+    path: str, *, journal_dir: Path = DEFAULT_DIR, report: Callable[[str], None] | None = None
+) -> int:
+    """``--connect PATH``: serve one daemon, then undo everything and return. ``report``
+    (a detached helper's) hears whether the connection was made."""
     for failure in _sweep(journal_dir).failed:
         log.warning("leftover from an earlier helper not cleaned: %s", failure)
     wakeup_read, wakeup_write = socket.socketpair()
@@ -229,7 +263,11 @@ def run(path: str, *, journal_dir: Path = DEFAULT_DIR) -> int:
         conn = _connect(path)
     except (OSError, PeerError) as e:
         log.error("cannot connect to the daemon at %s: %s", path, e)
+        if report is not None:
+            report(f"cannot connect to the daemon at {path}: {e}")
         return 2
+    if report is not None:
+        report("ok")
     with conn, Nft() as nft:
         state = NetworkState(nft=nft, journal=Journal(journal_dir, owner=current_identity()))
         try:
@@ -248,6 +286,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     mode.add_argument(
         "--cleanup", action="store_true", help="undo what dead helpers left behind, then exit"
     )
+    parser.add_argument(
+        "--detach",
+        action="store_true",
+        help="with --connect: return once connected and serve in the background",
+    )
     parser.add_argument("--debug", action="store_true", help="log every request")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
@@ -256,7 +299,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     _setup_logging(debug=args.debug)
     if args.cleanup:
         return cleanup()
-    return run(args.connect)
+    report = None
+    if args.detach:
+        detached = detach()
+        if isinstance(detached, int):
+            return detached
+        report = detached
+    return run(args.connect, report=report)
 
 
 if __name__ == "__main__":
