@@ -2,7 +2,8 @@
 password". A second laptop user whose sudoers rule for the helper asks for a password runs
 `connect` on a real terminal (a pty): sudo asks once, a second connect in the same
 terminal uses sudo's cached timestamp, and a refused password or no terminal at all leaves
-nothing behind."""
+nothing behind. `telepresence helper install` then makes connect prompt-free with a
+root-owned copy that the user cannot change, and `uninstall` takes it back."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import pytest
 
 from devcluster import laptop
 from devcluster.settings import LAPTOP_NS
+from telepresence.netfilter.install import INSTALL_DIR, LAUNCHER, SUDOERS_RULE
 from tests.e2e.cluster import Cluster
 from tests.e2e.test_outbound import laptop_state, quit_
 
@@ -147,3 +149,93 @@ def test_without_a_terminal_connect_says_how_to_get_root(password_user: Cluster)
     status = subprocess.run(argv(cluster, "telepresence status"), capture_output=True, text=True)
     assert "User Daemon: Not running" in status.stdout
     assert laptop_state(cluster) == before
+
+
+# --- `telepresence helper install`: no prompt, safely ----------------------------------------
+
+EVIL = "/tmp/tp-evil-pythonpath"
+
+
+@pytest.fixture()
+def installed(password_user: Cluster) -> Iterator[Cluster]:
+    cluster = password_user
+    out = cluster.laptop(
+        "telepresence", "helper", "install", "--user", USER, root=True, timeout=300
+    ).stdout
+    assert f"Allowed {USER} to run {LAUNCHER} without a password" in out, out
+    yield cluster
+    cluster.laptop("telepresence", "helper", "uninstall", root=True, check=False)
+    shutil.rmtree(EVIL, ignore_errors=True)
+
+
+def test_an_installed_helper_is_root_owned_and_connects_without_a_password(
+    installed: Cluster,
+) -> None:
+    cluster = installed
+    before = laptop_state(cluster)
+    for path in [INSTALL_DIR, *INSTALL_DIR.rglob("*")]:
+        info = path.lstat()
+        assert info.st_uid == 0, path
+        assert path.is_symlink() or not info.st_mode & 0o022, path
+    # The interpreter in the launcher's first line is root's too.
+    python = LAUNCHER.read_text().splitlines()[0].removeprefix("#!").split()[0]
+    assert Path(python).resolve().stat().st_uid == 0
+    rules = [
+        line
+        for line in SUDOERS_RULE.read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    assert rules == [f"{USER} ALL=(root) NOPASSWD: {LAUNCHER}"]
+    assert subprocess.run(["visudo", "-c"], capture_output=True).returncode == 0
+
+    # No terminal and no password: the installed helper needs neither.
+    script = (
+        "telepresence connect && curl -sS --max-time 10 verylargejavaservice.default:8080 "
+        "&& telepresence quit"
+    )
+    proc = subprocess.run(
+        argv(cluster, script),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        start_new_session=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "<title>" in proc.stdout
+    assert laptop_state(cluster) == before
+
+
+def test_the_installed_helper_ignores_the_callers_python_environment(installed: Cluster) -> None:
+    """Code planted on PYTHONPATH is never run by it: neither a `sitecustomize` (which any
+    Python with `site` would run at start) nor a `telepresence` package."""
+    marker = Path(EVIL) / "imported"
+    planted = Path(EVIL) / "telepresence"
+    planted.mkdir(parents=True, exist_ok=True)
+    plant = f"open({str(marker)!r}, 'w').close()\n"
+    planted.joinpath("__init__.py").write_text(plant)
+    Path(EVIL, "sitecustomize.py").write_text(plant)
+    os.chmod(EVIL, 0o755)
+    # The plant works on an ordinary Python run, so its absence below means something.
+    installed.laptop("env", f"PYTHONPATH={EVIL}", "python3", "-c", "pass", root=True)
+    assert marker.exists()
+    marker.unlink()
+    proc = installed.laptop("env", f"PYTHONPATH={EVIL}", str(LAUNCHER), "--cleanup", root=True)
+    assert proc.returncode == 0
+    assert not marker.exists()
+
+
+def test_uninstall_removes_the_helper_and_its_rule(installed: Cluster) -> None:
+    cluster = installed
+    out = cluster.laptop("telepresence", "helper", "uninstall", root=True).stdout
+    assert f"Removed {SUDOERS_RULE}" in out and f"Removed {INSTALL_DIR}" in out
+    assert not SUDOERS_RULE.exists() and not INSTALL_DIR.exists()
+    proc = subprocess.run(
+        argv(cluster, "telepresence connect"),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        start_new_session=True,
+    )
+    assert proc.returncode == 1 and "sudo needs your password" in proc.stderr

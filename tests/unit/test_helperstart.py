@@ -13,7 +13,7 @@ from telepresence.cli import helperstart
 
 
 def test_sudo_may_ask_only_on_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(helperstart.shutil, "which", lambda _: "/usr/bin/telepresence-helper")
+    monkeypatch.setattr(helperstart, "find_helper", lambda: "/usr/bin/telepresence-helper")
     argv = helperstart.helper_argv("/run/s", interactive=True, debug=False)
     assert argv == ["sudo", "/usr/bin/telepresence-helper", "--connect", "/run/s", "--detach"]
     argv = helperstart.helper_argv("/run/s", interactive=False, debug=True)
@@ -21,7 +21,7 @@ def test_sudo_may_ask_only_on_a_terminal(monkeypatch: pytest.MonkeyPatch) -> Non
 
 
 def test_a_missing_helper_says_to_reinstall(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(helperstart.shutil, "which", lambda _: None)
+    monkeypatch.setattr(helperstart, "find_helper", lambda: None)
     with pytest.raises(helperstart.HelperStartError, match="reinstall"):
         helperstart.helper_argv("/run/s", interactive=True, debug=False)
 

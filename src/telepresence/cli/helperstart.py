@@ -10,10 +10,10 @@ daemon changes anything, so a refused password leaves nothing behind.
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 
+from telepresence.netfilter.install import find_helper
 from telepresence.paths import HELPER_COMMAND
 
 
@@ -22,7 +22,7 @@ class HelperStartError(Exception):
 
 
 def helper_argv(socket_path: str, *, interactive: bool, debug: bool) -> list[str]:
-    helper = shutil.which(HELPER_COMMAND)
+    helper = find_helper()
     if helper is None:
         raise HelperStartError(
             f"the network helper `{HELPER_COMMAND}` is not on PATH; reinstall telepresence"
@@ -40,8 +40,8 @@ def refusal(stderr: str, *, interactive: bool) -> str:
     if "password is required" in said or "terminal is required" in said:
         return (
             "telepresence needs root for its network helper and sudo needs your password: "
-            "run `telepresence connect` in a terminal, or allow "
-            f"`sudo {shutil.which(HELPER_COMMAND) or HELPER_COMMAND}` for your user"
+            "run `telepresence connect` in a terminal, or run "
+            "`sudo telepresence helper install` once"
         )
     if said.startswith("telepresence-helper: "):
         return f"the network helper failed to start: {said.removeprefix('telepresence-helper: ')}"

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -18,7 +17,6 @@ from typing import Any
 
 from telepresence import __version__
 from telepresence.cli import client, helperstart, render, settings
-from telepresence.paths import HELPER_COMMAND
 
 
 class CliError(Exception):
@@ -88,6 +86,15 @@ def parser() -> argparse.ArgumentParser:
     sub.add_parser("version", help="show the version")
     p = sub.add_parser("manifests", help="print the traffic manager's manifests (for GitOps)")
     _image_flags(p)
+    p = sub.add_parser("helper", help="install the root network helper for prompt-free connects")
+    helper_sub = p.add_subparsers(dest="helper_command", metavar="ACTION")
+    helper_sub.required = True
+    p = helper_sub.add_parser(
+        "install",
+        help="(as root) a root-owned helper, and a sudoers rule letting USER run it",
+    )
+    p.add_argument("--user", help="who may run it (default: the user who ran sudo)")
+    helper_sub.add_parser("uninstall", help="(as root) remove the helper and its sudoers rule")
     p = sub.add_parser("manager", help="upgrade or uninstall the cluster's traffic manager")
     manager_sub = p.add_subparsers(dest="manager_command", metavar="ACTION")
     manager_sub.required = True
@@ -138,7 +145,9 @@ def _manager_flags(p: argparse.ArgumentParser) -> None:
 
 def _helper_cleanup() -> None:
     """Undo what a dead network helper left (its journal says what); idempotent."""
-    helper = shutil.which(HELPER_COMMAND)
+    from telepresence.netfilter.install import find_helper
+
+    helper = find_helper()
     if helper is None:
         return
     argv = [helper, "--cleanup"] if os.geteuid() == 0 else ["sudo", "-n", helper, "--cleanup"]
@@ -264,6 +273,22 @@ def cmd_manifests(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_helper(args: argparse.Namespace) -> int:
+    from telepresence.netfilter import install
+
+    try:
+        done = (
+            install.install(user=args.user)
+            if args.helper_command == "install"
+            else (install.uninstall())
+        )
+    except install.InstallError as e:
+        raise CliError(str(e)) from e
+    for line in done:
+        print(line)
+    return 0
+
+
 def cmd_manager(args: argparse.Namespace) -> int:
     from telepresence.cli import manager
 
@@ -314,6 +339,7 @@ def main(argv: list[str] | None = None) -> None:
         "status": cmd_status,
         "quit": cmd_quit,
         "manifests": cmd_manifests,
+        "helper": cmd_helper,
         "manager": cmd_manager,
         "intercept": cmd_intercept,
         "leave": cmd_leave,

@@ -13,7 +13,6 @@ import getpass
 import ipaddress
 import logging
 import os
-import shutil
 import socket
 import uuid
 from collections.abc import Callable, Sequence
@@ -45,6 +44,7 @@ from telepresence.k8s.install import ensure_manager, find_manager_pod
 from telepresence.k8s.manifests import DEFAULT_NAMESPACE, TUNNEL_PORT
 from telepresence.k8s.portforward import PortForward, portforward_hint
 from telepresence.netfilter.client import HelperClient, HelperError, HelperListener
+from telepresence.netfilter.install import find_helper
 from telepresence.netfilter.resolvconf import RESOLV_CONF, ResolvConf, read_resolv_conf
 from telepresence.netfilter.subnets import parse_cidr_list, routed_subnets
 from telepresence.paths import HELPER_COMMAND
@@ -103,7 +103,7 @@ class ConnectRequest:
 
 
 def helper_command() -> list[str]:
-    helper = shutil.which(HELPER_COMMAND)
+    helper = find_helper()
     if helper is None:
         raise ConnectError(
             f"the network helper `{HELPER_COMMAND}` is not on PATH; reinstall telepresence"
@@ -272,7 +272,8 @@ class Session:
             if "password" in str(e) or "sudo" in str(e):
                 raise ConnectError(
                     f"telepresence needs root for its network helper and sudo refused ({e}); "
-                    f"allow `sudo {shutil.which(HELPER_COMMAND)}` for your user"
+                    "run `telepresence connect` in a terminal, or "
+                    "`sudo telepresence helper install` once"
                 ) from e
             raise ConnectError(f"the network helper failed to start: {e}") from e
         self.api_server_ips = api_server_addresses(access.server)

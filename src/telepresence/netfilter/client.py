@@ -250,7 +250,8 @@ class HelperClient:
         if message.version != protocol.VERSION:
             raise HelperError(
                 f"the network helper speaks protocol {message.version}, this daemon "
-                f"{protocol.VERSION}: install matching versions"
+                f"{protocol.VERSION}: run `sudo telepresence helper install` again, or "
+                "uninstall the old helper"
             )
         return message
 
