@@ -87,6 +87,18 @@ asyncio.run(main())
 """
 
 
+# Closes the laptop user's own way to the API server (test scaffolding, in the laptop
+# namespace only).
+BLOCK = """
+table inet tp-test-block {{
+    chain output {{
+        type filter hook output priority 0;
+        meta skuid {user} ip daddr {host} tcp dport {port} reject with tcp reset
+    }}
+}}
+"""
+
+
 def write(cluster: Cluster, path: Path, text: str, mode: str = "600") -> None:
     cluster.laptop("sh", "-c", f"cat > {path} && chmod {mode} {path}", input=text)
 
@@ -217,17 +229,27 @@ def proxy(creds: Cluster) -> Iterator[tuple[int, Path]]:
     port, log = 3128, WORK / "proxy.log"
     cluster.laptop("rm", "-f", str(log))
     host = cluster.settings.addresses.api_url.split("//")[1].rsplit(":", 1)[0]
+    # The proxy runs as root; the laptop user's own connections to the API server are
+    # refused, so the proxy is the only way there.
     proc = subprocess.Popen(
-        [sys.executable, "-m", "devcluster.cli", "laptop", "--",
+        [sys.executable, "-m", "devcluster.cli", "laptop", "--root", "--",
          "/opt/telepresence-dev/venv/bin/python", "-c", PROXY, str(port), host, str(log)],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
     assert proc.stdout is not None
     assert proc.stdout.readline().strip() == "listening"
-    yield port, log
-    assert proc.stdin is not None
-    proc.stdin.close()
-    proc.wait(timeout=30)
+    api_port = cluster.settings.addresses.api_url.rsplit(":", 1)[1]
+    cluster.laptop("nft", "-f", "-", root=True, input=BLOCK.format(
+        user="tpuser", host=host, port=api_port))  # fmt: skip
+    try:
+        direct = curl(cluster, f"https://{host}:{api_port}/version", "-k")
+        assert direct.returncode != 0, "the direct way to the API server must be closed"
+        yield port, log
+    finally:
+        cluster.laptop("nft", "delete", "table", "inet", "tp-test-block", root=True)
+        assert proc.stdin is not None
+        proc.stdin.close()
+        proc.wait(timeout=30)
 
 
 def test_a_proxy_url_carries_rest_calls_and_port_forwards(
@@ -282,10 +304,12 @@ def test_https_proxy_is_used_unless_no_proxy_names_the_server(
     out = connect_with(
         cluster, config, f"HTTPS_PROXY=http://127.0.0.1:{port}", f"NO_PROXY=example.com,{host}"
     )
-    assert out.returncode == 0, out.stderr
-    works(cluster)
+    # NO_PROXY sent it the direct way, which this test closed: refused, and the proxy saw
+    # nothing.
+    assert out.returncode != 0
+    (line,) = out.stderr.strip().splitlines()
+    assert "cannot reach the API server" in line, line
     assert read(cluster, log) == ""
-    quit_(cluster)
 
 
 def test_the_kubeconfig_ca_replaces_the_system_trust_store(creds: Cluster) -> None:

@@ -1,0 +1,124 @@
+"""The README's Install section, as a user runs it: the wheel built from this repository,
+installed with `uv tool install` into the laptop user's home, `sudo telepresence helper
+install` from that install, then the user story with nothing of the checkout or of
+devcluster's wrappers on the path."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from devcluster.settings import LAPTOP_NS, LAPTOP_USER
+from telepresence.netfilter.install import INSTALL_DIR, LAUNCHER
+from tests.e2e.cluster import Cluster
+from tests.e2e.test_outbound import laptop_state, quit_
+
+REPO = Path(__file__).resolve().parents[2]
+HOME = Path("/home") / LAPTOP_USER
+BIN = HOME / ".local" / "bin"
+TOOLS = HOME / ".local" / "share" / "uv" / "tools"
+#: The user's `telepresence`, run by root as `sudo "$(command -v telepresence)"` would:
+#: sudo resets the environment, so nothing of devcluster's PYTHONPATH.
+ROOT_TELEPRESENCE = ("env", "-u", "PYTHONPATH", str(BIN / "telepresence"))
+
+
+def as_user(*cmd: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    """CMD as the laptop user, in the laptop namespace, with only the wheel's commands
+    (and the system's) on PATH, and no terminal."""
+    env = {
+        "HOME": str(HOME),
+        "USER": LAPTOP_USER,
+        "LOGNAME": LAPTOP_USER,
+        "PATH": f"{BIN}:/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin",
+        "KUBECONFIG": str(HOME / ".kube" / "config"),
+        "LANG": "C.UTF-8",
+    }
+    argv = [
+        "ip", "netns", "exec", LAPTOP_NS,
+        "setpriv", f"--reuid={LAPTOP_USER}", f"--regid={LAPTOP_USER}", "--init-groups", "--",
+        "env", "-i", *(f"{k}={v}" for k, v in env.items()), *cmd,
+    ]  # fmt: skip
+    return subprocess.run(
+        argv,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        start_new_session=True,
+    )
+
+
+@pytest.fixture(scope="module")
+def wheel(cluster: Cluster) -> Iterator[Cluster]:
+    quit_(cluster)
+    out = Path(tempfile.mkdtemp(prefix="tp-wheel-"))
+    env = {**os.environ, "UV_TOOL_DIR": str(TOOLS), "UV_TOOL_BIN_DIR": str(BIN)}
+    try:
+        subprocess.run(
+            ["uv", "build", "--wheel", "--out-dir", str(out), str(REPO)],
+            check=True, capture_output=True, timeout=300,
+        )  # fmt: skip
+        (built,) = out.glob("telepresence_py-*.whl")
+        subprocess.run(
+            ["uv", "tool", "install", "--force", "--python", "/usr/bin/python3", str(built)],
+            check=True, capture_output=True, env=env, timeout=600,
+        )  # fmt: skip
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    # As if the user had run it: everything under their home is theirs.
+    subprocess.run(
+        ["chown", "-R", f"{LAPTOP_USER}:{LAPTOP_USER}", str(HOME / ".local")], check=True
+    )
+    yield cluster
+    as_user("telepresence", "quit")
+    if LAUNCHER.exists():
+        cluster.laptop(*ROOT_TELEPRESENCE, "helper", "uninstall", root=True, check=False)
+    subprocess.run(["uv", "tool", "uninstall", "telepresence-py"], env=env, capture_output=True)
+    shutil.rmtree(HOME / ".local", ignore_errors=True)
+
+
+def test_the_wheel_holds_the_product_alone(wheel: Cluster) -> None:
+    (venv,) = TOOLS.glob("telepresence-py")
+    site = next(venv.glob("lib/python3*/site-packages"))
+    assert (site / "telepresence" / "cli" / "main.py").exists()
+    assert not (site / "devcluster").exists()
+    for command in ("telepresence", "telepresence-helper"):
+        assert (BIN / command).exists()
+    version = as_user("telepresence", "version")
+    assert version.returncode == 0 and version.stdout.startswith("telepresence-py "), version
+
+
+def test_the_install_section_end_to_end(wheel: Cluster) -> None:
+    cluster = wheel
+    before = laptop_state(cluster)
+    # Without the helper installed and without a terminal, sudo cannot ask: one line.
+    refused = as_user("telepresence", "connect")
+    assert refused.returncode == 1
+    (line,) = refused.stderr.strip().splitlines()
+    assert "sudo telepresence helper install" in line, line
+    assert laptop_state(cluster) == before
+
+    # `sudo "$(command -v telepresence)" helper install`, from the user's own install.
+    out = cluster.laptop(*ROOT_TELEPRESENCE, "helper", "install", "--user", LAPTOP_USER,
+                         root=True, timeout=300).stdout  # fmt: skip
+    assert f"Allowed {LAPTOP_USER}" in out, out
+    copied = INSTALL_DIR / "lib" / "telepresence" / "netfilter" / "helper.py"
+    assert copied.read_bytes() == next(TOOLS.glob(
+        "telepresence-py/lib/python3*/site-packages/telepresence/netfilter/helper.py"
+    )).read_bytes()  # fmt: skip
+
+    story = as_user(
+        "sh", "-c",
+        "telepresence connect && curl -sS --max-time 10 verylargejavaservice.default:8080 && "
+        "telepresence status && telepresence quit",
+    )  # fmt: skip
+    assert story.returncode == 0, story.stderr
+    assert "<title>Welcome to the EdgyCorp WebApp</title>" in story.stdout
+    assert "Status            : Connected" in story.stdout
+    assert laptop_state(cluster) == before
