@@ -7,6 +7,8 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export UV_PROJECT_ENVIRONMENT=/opt/telepresence-dev/venv
 uv run --frozen devcluster up --sample-app
+# The README's Install section, for the laptop user: the wheel, then the root helper.
+bash scripts/install-laptop.sh
 laptop() { uv run --frozen devcluster laptop -- "$@"; }
 step() { printf '\n$ %s\n' "$*"; }
 

@@ -100,14 +100,30 @@ class Cluster:
         timeout: float = 60,
         check: bool = True,
     ) -> subprocess.CompletedProcess[str]:
-        """CMD in the laptop namespace, as the laptop's unprivileged user unless root."""
+        """CMD in the laptop namespace, as the laptop's unprivileged user unless root. The
+        test harness's Python (the dev venv's) gets devcluster's readable copy of the
+        sources; the product runs from the laptop user's install."""
         flags = ["--root"] if root else []
+        if cmd and cmd[0] == self.harness_python:
+            cmd = ("env", f"PYTHONPATH={self.settings.paths.src_copy}", *cmd)
         return self._run(
             [sys.executable, "-m", "devcluster.cli", "laptop", *flags, "--", *cmd],
             input=input,
             timeout=timeout,
             check=check,
         )
+
+    @property
+    def harness_python(self) -> str:
+        return str(self.settings.paths.venv / "bin" / "python")
+
+    def harness_argv(self, *cmd: str) -> list[str]:
+        """A command line that runs the harness's Python in the laptop namespace as the
+        laptop user (for Popen)."""
+        return [
+            sys.executable, "-m", "devcluster.cli", "laptop", "--",
+            "env", f"PYTHONPATH={self.settings.paths.src_copy}", self.harness_python, *cmd,
+        ]  # fmt: skip
 
     def pod(
         self, *cmd: str, input: str | None = None, timeout: float = 60, check: bool = True

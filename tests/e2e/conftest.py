@@ -1,13 +1,18 @@
-"""devcluster, started once per test run (and stopped at the end if this run started it)."""
+"""devcluster, started once per test run (and stopped at the end if this run started it),
+with the product installed for its laptop user by scripts/install-laptop.sh."""
 
 from __future__ import annotations
 
 import os
+import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from tests.e2e.cluster import Cluster
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -23,6 +28,8 @@ def cluster() -> Iterator[Cluster]:
     c = Cluster()
     was_up = c.devcluster("status", check=False).returncode == 0
     c.devcluster("up", "--sample-app")
+    # The product, installed for the laptop user as the README says (devcluster does not).
+    subprocess.run(["bash", str(REPO / "scripts" / "install-laptop.sh")], check=True, timeout=900)
     # Start from a laptop with no session, whatever an earlier run left connected.
     c.laptop("telepresence", "quit", timeout=120)
     yield c

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import struct
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -205,10 +204,7 @@ def test_hostile_requests_are_refused_and_change_nothing(
         {"name": name, "payload": payload.hex(), "then_status": usable}
         for name, payload, _, usable in CASES
     ]
-    argv = [
-        sys.executable, "-m", "devcluster.cli", "laptop", "--",
-        f"{cluster.settings.paths.venv}/bin/python", str(hostile_script), HELPER,
-    ]  # fmt: skip
+    argv = cluster.harness_argv(str(hostile_script), HELPER)
     proc = subprocess.run(
         argv, input=json.dumps(cases), capture_output=True, text=True, timeout=600, check=False
     )

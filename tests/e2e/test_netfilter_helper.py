@@ -24,7 +24,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
@@ -36,9 +35,12 @@ import pytest
 
 from devcluster.settings import LAPTOP_USER
 from telepresence.netfilter import policy
+from telepresence.netfilter.install import LAUNCHER
 from tests.e2e.cluster import Cluster, wait_for
 
-HELPER = "/opt/telepresence-dev/bin/telepresence-helper"
+#: The root-owned helper `telepresence helper install` put in place for the laptop user
+#: (scripts/install-laptop.sh), which sudo runs for it without a password.
+HELPER = str(LAUNCHER)
 # The helper chooses these itself (netfilter.policy); a request cannot name them.
 TUN_PREFIX = policy.TUN_NAME.rstrip("0123456789")
 TUN = policy.TUN_NAME
@@ -392,10 +394,7 @@ class Laptop:
     daemons: list[FakeDaemon] = field(default_factory=list)
 
     def start_daemon(self) -> FakeDaemon:
-        argv = [
-            sys.executable, "-m", "devcluster.cli", "laptop", "--",
-            f"{self.cluster.settings.paths.venv}/bin/python", str(self.script), HELPER, FAKE_ANSWER,
-        ]  # fmt: skip
+        argv = self.cluster.harness_argv(str(self.script), HELPER, FAKE_ANSWER)
         proc = subprocess.Popen(
             argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
         )

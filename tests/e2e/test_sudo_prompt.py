@@ -3,7 +3,8 @@ password". A second laptop user whose sudoers rule for the helper asks for a pas
 `connect` on a real terminal (a pty): sudo asks once, a second connect in the same
 terminal uses sudo's cached timestamp, and a refused password or no terminal at all leaves
 nothing behind. `telepresence helper install` then makes connect prompt-free with a
-root-owned copy that the user cannot change, and `uninstall` takes it back."""
+root-owned copy that the user cannot change, and `uninstall --user` takes it back for one
+user (tests/e2e/test_wheel_install.py uninstalls it all)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from devcluster import laptop
-from devcluster.settings import LAPTOP_NS
+from devcluster.settings import LAPTOP_NS, LAPTOP_USER
 from telepresence.netfilter.install import INSTALL_DIR, LAUNCHER, SUDOERS_RULE
 from tests.e2e.cluster import Cluster
 from tests.e2e.test_outbound import laptop_state, quit_
@@ -79,16 +80,11 @@ def on_terminal(cluster: Cluster, script: str, answers: list[str], timeout: floa
 
 @pytest.fixture(scope="module")
 def password_user(cluster: Cluster) -> Iterator[Cluster]:
+    """A second laptop user with a password and a kubeconfig, and no sudoers rule."""
     quit_(cluster)
     subprocess.run(["userdel", "-r", USER], capture_output=True, check=False)
     subprocess.run(["useradd", "--create-home", "--shell", "/bin/sh", USER], check=True)
     subprocess.run(["chpasswd"], input=f"{USER}:{PASSWORD}", text=True, check=True)
-    helper = cluster.settings.paths.laptop_bin / "telepresence-helper"
-    rule = SUDOERS.with_name(".tp-test-password.tmp")
-    rule.write_text(f"{USER} ALL=(root) {helper}\n")  # no NOPASSWD: sudo asks
-    rule.chmod(0o440)
-    subprocess.run(["visudo", "-cf", str(rule)], check=True, capture_output=True)
-    rule.rename(SUDOERS)
     kube = HOME / ".kube"
     kube.mkdir(mode=0o700)
     shutil.copy(cluster.settings.paths.laptop_kubeconfig, kube / "config")
@@ -96,14 +92,25 @@ def password_user(cluster: Cluster) -> Iterator[Cluster]:
     shutil.chown(kube / "config", USER, USER)
     yield cluster
     subprocess.run(argv(cluster, "telepresence quit"), capture_output=True, check=False)
-    SUDOERS.unlink(missing_ok=True)
     subprocess.run(["userdel", "-r", USER], capture_output=True, check=False)
     for ts in (Path("/run/sudo/ts") / USER, Path("/var/lib/sudo/ts") / USER):
         ts.unlink(missing_ok=True)
 
 
-def test_connect_asks_for_the_password_once_per_terminal(password_user: Cluster) -> None:
-    cluster = password_user
+@pytest.fixture()
+def password_rule(password_user: Cluster) -> Iterator[Cluster]:
+    """As an admin might allow it: the root-owned helper, for this user, with a password."""
+    rule = SUDOERS.with_name(".tp-test-password.tmp")
+    rule.write_text(f"{USER} ALL=(root) {LAUNCHER}\n")  # no NOPASSWD: sudo asks
+    rule.chmod(0o440)
+    subprocess.run(["visudo", "-cf", str(rule)], check=True, capture_output=True)
+    rule.rename(SUDOERS)
+    yield password_user
+    SUDOERS.unlink(missing_ok=True)
+
+
+def test_connect_asks_for_the_password_once_per_terminal(password_rule: Cluster) -> None:
+    cluster = password_rule
     before = laptop_state(cluster)
     script = (
         "telepresence connect && telepresence status && telepresence quit && "
@@ -117,8 +124,8 @@ def test_connect_asks_for_the_password_once_per_terminal(password_user: Cluster)
     assert laptop_state(cluster) == before
 
 
-def test_a_refused_password_changes_nothing(password_user: Cluster) -> None:
-    cluster = password_user
+def test_a_refused_password_changes_nothing(password_rule: Cluster) -> None:
+    cluster = password_rule
     before = laptop_state(cluster)
     transcript = on_terminal(
         cluster,
@@ -132,8 +139,8 @@ def test_a_refused_password_changes_nothing(password_user: Cluster) -> None:
     assert laptop_state(cluster) == before
 
 
-def test_without_a_terminal_connect_says_how_to_get_root(password_user: Cluster) -> None:
-    cluster = password_user
+def test_without_a_terminal_connect_says_how_to_get_root(password_rule: Cluster) -> None:
+    cluster = password_rule
     before = laptop_state(cluster)
     proc = subprocess.run(
         argv(cluster, "telepresence connect"),
@@ -158,13 +165,15 @@ EVIL = "/tmp/tp-evil-pythonpath"
 
 @pytest.fixture()
 def installed(password_user: Cluster) -> Iterator[Cluster]:
+    """`sudo telepresence helper install` run by the password user (the laptop user has
+    been allowed already, by the session's install)."""
     cluster = password_user
     out = cluster.laptop(
-        "telepresence", "helper", "install", "--user", USER, root=True, timeout=300
+        "env", f"SUDO_USER={USER}", "telepresence", "helper", "install", root=True, timeout=300
     ).stdout
     assert f"Allowed {USER} to run {LAUNCHER} without a password" in out, out
     yield cluster
-    cluster.laptop("telepresence", "helper", "uninstall", root=True, check=False)
+    cluster.laptop("telepresence", "helper", "uninstall", "--user", USER, root=True, check=False)
     shutil.rmtree(EVIL, ignore_errors=True)
 
 
@@ -185,7 +194,10 @@ def test_an_installed_helper_is_root_owned_and_connects_without_a_password(
         for line in SUDOERS_RULE.read_text().splitlines()
         if line.strip() and not line.startswith("#")
     ]
-    assert rules == [f"{USER} ALL=(root) NOPASSWD: {LAUNCHER}"]
+    assert sorted(rules) == [
+        f"{USER} ALL=(root) NOPASSWD: {LAUNCHER}",
+        f"{LAPTOP_USER} ALL=(root) NOPASSWD: {LAUNCHER}",
+    ]
     assert subprocess.run(["visudo", "-c"], capture_output=True).returncode == 0
 
     # No terminal and no password: the installed helper needs neither.
@@ -225,11 +237,12 @@ def test_the_installed_helper_ignores_the_callers_python_environment(installed: 
     assert not marker.exists()
 
 
-def test_uninstall_removes_the_helper_and_its_rule(installed: Cluster) -> None:
+def test_uninstall_for_one_user_keeps_the_others(installed: Cluster) -> None:
     cluster = installed
-    out = cluster.laptop("telepresence", "helper", "uninstall", root=True).stdout
-    assert f"Removed {SUDOERS_RULE}" in out and f"Removed {INSTALL_DIR}" in out
-    assert not SUDOERS_RULE.exists() and not INSTALL_DIR.exists()
+    out = cluster.laptop("telepresence", "helper", "uninstall", "--user", USER, root=True).stdout
+    assert f"{USER} may no longer run {LAUNCHER} without a password" in out
+    assert LAUNCHER.exists()
+    assert USER not in SUDOERS_RULE.read_text() and LAPTOP_USER in SUDOERS_RULE.read_text()
     proc = subprocess.run(
         argv(cluster, "telepresence connect"),
         stdin=subprocess.DEVNULL,

@@ -1,21 +1,18 @@
-"""The README's Install section, as a user runs it: the wheel built from this repository,
-installed with `uv tool install` into the laptop user's home, `sudo telepresence helper
-install` from that install, then the user story with nothing of the checkout or of
-devcluster's wrappers on the path."""
+"""The README's Install section, as a user runs it: scripts/install-laptop.sh (run once per
+test session, by conftest) builds the wheel, installs it with `uv tool install` into the
+laptop user's home and runs `sudo telepresence helper install` from it. Here: what that
+left, the user story with nothing of the checkout on the path, and a full uninstall."""
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from devcluster.settings import LAPTOP_NS, LAPTOP_USER
-from telepresence.netfilter.install import INSTALL_DIR, LAUNCHER
+from telepresence.netfilter.install import INSTALL_DIR, SUDOERS_RULE
 from tests.e2e.cluster import Cluster
 from tests.e2e.test_outbound import laptop_state, quit_
 
@@ -57,30 +54,11 @@ def as_user(*cmd: str, timeout: float = 180) -> subprocess.CompletedProcess[str]
 @pytest.fixture(scope="module")
 def wheel(cluster: Cluster) -> Iterator[Cluster]:
     quit_(cluster)
-    out = Path(tempfile.mkdtemp(prefix="tp-wheel-"))
-    env = {**os.environ, "UV_TOOL_DIR": str(TOOLS), "UV_TOOL_BIN_DIR": str(BIN)}
-    try:
-        subprocess.run(
-            ["uv", "build", "--wheel", "--out-dir", str(out), str(REPO)],
-            check=True, capture_output=True, timeout=300,
-        )  # fmt: skip
-        (built,) = out.glob("telepresence_py-*.whl")
-        subprocess.run(
-            ["uv", "tool", "install", "--force", "--python", "/usr/bin/python3", str(built)],
-            check=True, capture_output=True, env=env, timeout=600,
-        )  # fmt: skip
-    finally:
-        shutil.rmtree(out, ignore_errors=True)
-    # As if the user had run it: everything under their home is theirs.
-    subprocess.run(
-        ["chown", "-R", f"{LAPTOP_USER}:{LAPTOP_USER}", str(HOME / ".local")], check=True
-    )
     yield cluster
     as_user("telepresence", "quit")
-    if LAUNCHER.exists():
-        cluster.laptop(*ROOT_TELEPRESENCE, "helper", "uninstall", root=True, check=False)
-    subprocess.run(["uv", "tool", "uninstall", "telepresence-py"], env=env, capture_output=True)
-    shutil.rmtree(HOME / ".local", ignore_errors=True)
+    # Leave the helper installed for the laptop user, as the session's install did.
+    cluster.laptop(*ROOT_TELEPRESENCE, "helper", "install", "--user", LAPTOP_USER, root=True,
+                   timeout=300)  # fmt: skip
 
 
 def test_the_wheel_holds_the_product_alone(wheel: Cluster) -> None:
@@ -97,21 +75,12 @@ def test_the_wheel_holds_the_product_alone(wheel: Cluster) -> None:
 def test_the_install_section_end_to_end(wheel: Cluster) -> None:
     cluster = wheel
     before = laptop_state(cluster)
-    # Without the helper installed and without a terminal, sudo cannot ask: one line.
-    refused = as_user("telepresence", "connect")
-    assert refused.returncode == 1
-    (line,) = refused.stderr.strip().splitlines()
-    assert "sudo telepresence helper install" in line, line
-    assert laptop_state(cluster) == before
-
-    # `sudo "$(command -v telepresence)" helper install`, from the user's own install.
-    out = cluster.laptop(*ROOT_TELEPRESENCE, "helper", "install", "--user", LAPTOP_USER,
-                         root=True, timeout=300).stdout  # fmt: skip
-    assert f"Allowed {LAPTOP_USER}" in out, out
+    # The helper was installed from the user's own install, and is root's now.
     copied = INSTALL_DIR / "lib" / "telepresence" / "netfilter" / "helper.py"
     assert copied.read_bytes() == next(TOOLS.glob(
         "telepresence-py/lib/python3*/site-packages/telepresence/netfilter/helper.py"
     )).read_bytes()  # fmt: skip
+    assert copied.stat().st_uid == 0
 
     story = as_user(
         "sh", "-c",
@@ -121,4 +90,15 @@ def test_the_install_section_end_to_end(wheel: Cluster) -> None:
     assert story.returncode == 0, story.stderr
     assert "<title>Welcome to the EdgyCorp WebApp</title>" in story.stdout
     assert "Status            : Connected" in story.stdout
+    assert laptop_state(cluster) == before
+
+    # `sudo telepresence helper uninstall` leaves nothing; then connect, without a terminal,
+    # has no way to root and says how to get one, in one line.
+    out = cluster.laptop(*ROOT_TELEPRESENCE, "helper", "uninstall", root=True).stdout
+    assert f"Removed {SUDOERS_RULE}" in out and f"Removed {INSTALL_DIR}" in out
+    assert not SUDOERS_RULE.exists() and not INSTALL_DIR.exists()
+    refused = as_user("telepresence", "connect")
+    assert refused.returncode == 1
+    (line,) = refused.stderr.strip().splitlines()
+    assert "sudo telepresence helper install" in line, line
     assert laptop_state(cluster) == before

@@ -176,7 +176,7 @@ async def test_a_helper_of_another_protocol_version_is_refused(
     pair: tuple[socket.socket, socket.socket],
 ) -> None:
     pair[1].sendall(protocol.encode(Hello(version=protocol.VERSION + 1, pid=1)))
-    with pytest.raises(HelperError, match="helper install. again"):
+    with pytest.raises(HelperError, match=r"helper install` again"):
         await HelperClient.from_socket(pair[0])
 
 

@@ -133,7 +133,6 @@ def start_supervisor(settings: Settings) -> None:
     paths.run.mkdir(parents=True, exist_ok=True)
     paths.logs.mkdir(parents=True, exist_ok=True)
     laptop.ensure_user()
-    laptop.write_sudoers(settings)
     network.create_base(settings.addresses)
     log_file = (paths.logs / "supervisor.log").open("ab")
     proc = subprocess.Popen(

@@ -1,7 +1,9 @@
-"""The laptop's unprivileged user, its Python environment and its kubeconfig.
+"""The laptop's unprivileged user, its kubeconfig, and the test harness's commands.
 
-The product runs in the laptop namespace as this user, as on a real laptop; only the
-network helper gets root, through a sudoers rule that names that one command.
+The product runs in the laptop namespace as this user, as on a real laptop. devcluster
+does not install it: scripts/install-laptop.sh does, as the README says (the wheel with
+`uv tool install` into the user's home, then `telepresence helper install`), which puts
+its commands in ~/.local/bin, first on this user's PATH.
 """
 
 from __future__ import annotations
@@ -16,19 +18,16 @@ from devcluster.pki import KeyPair
 from devcluster.settings import LAPTOP_NS, LAPTOP_USER, Settings
 from devcluster.system import run
 
-SUDOERS = Path("/etc/sudoers.d/devcluster-telepresence")
-HELPER = "telepresence-helper"
-LAPTOP_PATH = "{bin}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+#: What earlier devcluster versions wrote to install the product, removed by `up`.
+OLD_SUDOERS = Path("/etc/sudoers.d/devcluster-telepresence")
+OLD_COMMANDS = ("telepresence", "telepresence-helper")
+LAPTOP_PATH = "{home}/.local/bin:{bin}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
-# Wrapper scripts on the laptop's PATH. PYTHONPATH is set inside them because sudo drops it.
+# Wrapper scripts on the laptop's PATH, for the test harness (not the product).
 _WRAPPER = """#!/bin/sh
 PYTHONPATH={src} exec {python} -m {module} "$@"
 """
-COMMANDS = {
-    "telepresence": "telepresence.cli.main",
-    HELPER: "telepresence.netfilter.helper",
-    "devcluster": "devcluster.cli",
-}
+COMMANDS = {"devcluster": "devcluster.cli"}
 
 
 def ensure_user() -> pwd.struct_passwd:
@@ -74,6 +73,9 @@ def install_commands(settings: Settings) -> None:
         script = paths.laptop_bin / name
         script.write_text(_WRAPPER.format(src=paths.src_copy, python=python, module=module))
         script.chmod(0o755)
+    for name in OLD_COMMANDS:
+        (paths.laptop_bin / name).unlink(missing_ok=True)
+    OLD_SUDOERS.unlink(missing_ok=True)
     kubectl = paths.laptop_bin / "kubectl"
     tmp = kubectl.with_suffix(".new")
     shutil.copy(settings.binary("kubectl"), tmp)
@@ -81,16 +83,6 @@ def install_commands(settings: Settings) -> None:
     tmp.rename(kubectl)
     for folder in (paths.opt, paths.laptop_bin):
         folder.chmod(0o755)
-
-
-def write_sudoers(settings: Settings) -> None:
-    helper = settings.paths.laptop_bin / HELPER
-    rule = f"{LAPTOP_USER} ALL=(root) NOPASSWD: {helper}\n"
-    tmp = SUDOERS.with_name(".devcluster-telepresence.tmp")
-    tmp.write_text(rule)
-    tmp.chmod(0o440)
-    run(["visudo", "-cf", str(tmp)])
-    tmp.rename(SUDOERS)
 
 
 def write_kubeconfig(settings: Settings, *, ca: Path, admin: KeyPair) -> None:
@@ -110,10 +102,11 @@ def environment(settings: Settings, *, root: bool) -> dict[str, str]:
         "HOME": home,
         "USER": user,
         "LOGNAME": user,
-        "PATH": LAPTOP_PATH.format(bin=settings.paths.laptop_bin),
+        # The laptop user's install (~/.local/bin), root's too: `sudo "$(command -v
+        # telepresence)"` runs that same file.
+        "PATH": LAPTOP_PATH.format(home=settings.paths.laptop_home, bin=settings.paths.laptop_bin),
         "KUBECONFIG": str(settings.paths.laptop_kubeconfig),
         "LANG": "C.UTF-8",
-        "PYTHONPATH": str(settings.paths.src_copy),
     }
     if term := os.environ.get("TERM"):
         env["TERM"] = term

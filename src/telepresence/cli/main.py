@@ -94,7 +94,8 @@ def parser() -> argparse.ArgumentParser:
         help="(as root) a root-owned helper, and a sudoers rule letting USER run it",
     )
     p.add_argument("--user", help="who may run it (default: the user who ran sudo)")
-    helper_sub.add_parser("uninstall", help="(as root) remove the helper and its sudoers rule")
+    p = helper_sub.add_parser("uninstall", help="(as root) remove the helper and its sudoers rule")
+    p.add_argument("--user", help="only take this user's permission away")
     p = sub.add_parser("manager", help="upgrade or uninstall the cluster's traffic manager")
     manager_sub = p.add_subparsers(dest="manager_command", metavar="ACTION")
     manager_sub.required = True
@@ -280,7 +281,7 @@ def cmd_helper(args: argparse.Namespace) -> int:
         done = (
             install.install(user=args.user)
             if args.helper_command == "install"
-            else (install.uninstall())
+            else install.uninstall(user=args.user)
         )
     except install.InstallError as e:
         raise CliError(str(e)) from e

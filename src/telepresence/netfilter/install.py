@@ -209,16 +209,24 @@ def install(*, user: str | None = None) -> list[str]:
     ]
 
 
-def uninstall() -> list[str]:
+def uninstall(*, user: str | None = None) -> list[str]:
+    """Takes ``user``'s line out of the rule, and removes the rule and the helper when no
+    user is left (everything at once without ``user``); returns what was done."""
     if os.geteuid() != 0:
         raise InstallError(
             "removing the helper needs root: run `sudo telepresence helper uninstall`"
         )
     done = []
-    if SUDOERS_RULE.exists():
+    users = users_in_rule(SUDOERS_RULE.read_text()) if SUDOERS_RULE.exists() else []
+    if user is not None and user in users:
+        users = [u for u in users if u != user]
+        if users:
+            _write_rule(users)
+            return [f"{user} may no longer run {LAUNCHER} without a password"]
+    if SUDOERS_RULE.exists() and (user is None or not users):
         SUDOERS_RULE.unlink()
         done.append(f"Removed {SUDOERS_RULE}")
-    if INSTALL_DIR.exists():
+    if INSTALL_DIR.exists() and (user is None or not users):
         shutil.rmtree(INSTALL_DIR)
         done.append(f"Removed {INSTALL_DIR}")
     return done or ["Nothing to remove"]
