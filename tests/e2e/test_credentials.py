@@ -210,6 +210,36 @@ def test_an_exec_credential_is_reused_for_its_lifetime(creds: Cluster) -> None:
     quit_(cluster)
 
 
+def test_a_credential_expiring_in_60_s_is_renewed_once_per_expiry(creds: Cluster) -> None:
+    """The issue's case: a TokenRequest token whose ExecCredential expires in 60 s. The
+    session keeps working past the expiry, and the plugin runs again once (10 s before the
+    expiry), not once per port-forward: every manager restart below opens four."""
+    cluster = creds
+    cluster.laptop("rm", "-f", str(WORK / "calls"))
+    out = connect_with(cluster, kubeconfig(cluster, user=plugin_user(60), **{
+        "certificate-authority": "ca.crt"}))  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert len(plugin_calls(cluster)) == 1
+
+    def restart_manager_and_count() -> int | None:
+        pods = cluster.ready_pods("ambassador", "app=traffic-manager")
+        old = pods[0]["metadata"]["name"]
+        cluster.kubectl("delete", "pod", old, "-n", "ambassador", "--wait=false")
+        wait_for(
+            lambda: curl(cluster, APP).returncode == 0
+            and [p["metadata"]["name"] for p in
+                 cluster.ready_pods("ambassador", "app=traffic-manager")] not in ([], [old]),
+            timeout=90,
+            what="the session on a new manager",
+        )  # fmt: skip
+        calls = len(plugin_calls(cluster))
+        return calls if calls > 1 else None
+
+    assert wait_for(restart_manager_and_count, timeout=150, what="a renewed credential") == 2
+    works(cluster)
+    quit_(cluster)
+
+
 def test_an_expired_exec_credential_is_fetched_again(creds: Cluster) -> None:
     cluster = creds
     cluster.laptop("rm", "-f", str(WORK / "calls"))

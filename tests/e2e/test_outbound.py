@@ -53,6 +53,10 @@ def laptop_state(cluster: Cluster) -> dict[str, str]:
     }
 
 
+#: How the helper shows in `ps`: the installed launcher, run by sudo for the laptop user.
+HELPER_PROCESS = "telepresence-helper --connect"
+
+
 def connect(cluster: Cluster, *args: str) -> subprocess.CompletedProcess[str]:
     return cluster.laptop("telepresence", "connect", *args, timeout=180)
 
@@ -219,11 +223,8 @@ def test_processes_users_and_sockets(connected: Cluster) -> None:
     c = connected
     ps = c.laptop("ps", "-eo", "user,args", root=True).stdout.splitlines()
     daemon = [line for line in ps if "telepresence.daemon" in line]
-    helper = [
-        line
-        for line in ps
-        if "telepresence.netfilter.helper" in line and line.startswith("root ") is not False
-    ]
+    # The installed, root-owned helper (scripts/install-laptop.sh), detached from sudo.
+    helper = [line for line in ps if HELPER_PROCESS in line]
     assert daemon and all(line.split()[0] == "tpuser" for line in daemon), daemon
     assert any(line.split()[0] == "root" for line in helper), ps
     # No listener off loopback.
@@ -281,13 +282,14 @@ def test_deleting_the_manager_pod_is_recovered_without_the_user(connected: Clust
 
 
 @pytest.mark.parametrize(
-    "process", ["telepresence.daemon", "telepresence.netfilter.helper"], ids=["daemon", "helper"]
+    "process", ["telepresence.daemon", HELPER_PROCESS], ids=["daemon", "helper"]
 )
 def test_kill_9_then_quit_restores_everything(
     cluster: Cluster, baseline: dict[str, str], process: str
 ) -> None:
     connect(cluster)
-    cluster.laptop("pkill", "-9", "-f", process, root=True, check=False)
+    killed = cluster.laptop("pkill", "-9", "-f", process, root=True, check=False)
+    assert killed.returncode == 0, f"no process matched {process}"
     quit_(cluster)
     wait_for(
         lambda: laptop_state(cluster) == baseline,

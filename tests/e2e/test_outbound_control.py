@@ -459,7 +459,7 @@ def test_nsswitch_mdns_before_dns_gets_a_warning_with_the_fix(
         "mount --bind $d/nsswitch.conf /etc/nsswitch.conf; "
         "setpriv --reuid=tpuser --regid=tpuser --init-groups "
         "env HOME=/home/tpuser KUBECONFIG=/home/tpuser/.kube/config "
-        "PATH=/opt/telepresence-dev/bin:/usr/bin:/bin:/usr/sbin:/sbin telepresence connect"
+        "PATH=/home/tpuser/.local/bin:/usr/bin:/bin:/usr/sbin:/sbin telepresence connect"
     )
     out = subprocess.run(
         [
