@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from devcluster import node
-from devcluster.settings import Settings
+from devcluster.settings import LAPTOP_NS, Settings
 
 T = TypeVar("T")
 
@@ -39,6 +39,31 @@ async def open_pool(api, http, access, name):
     await pool.start()
     return pool
 """
+
+
+def user_argv(user: str, env: dict[str, str], *cmd: str) -> list[str]:
+    """A command line that runs CMD in the laptop namespace as ``user`` (any laptop user,
+    not only devcluster's), with exactly ``env``."""
+    return [
+        "ip", "netns", "exec", LAPTOP_NS,
+        "setpriv", f"--reuid={user}", f"--regid={user}", "--init-groups", "--",
+        "env", "-i", *(f"{k}={v}" for k, v in env.items()), *cmd,
+    ]  # fmt: skip
+
+
+def run_without_terminal(
+    argv: list[str], *, timeout: float = 180
+) -> subprocess.CompletedProcess[str]:
+    """ARGV in a session of its own with no controlling terminal, as a script or a CI job
+    runs things: sudo cannot ask for a password there."""
+    return subprocess.run(
+        argv,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        start_new_session=True,
+    )
 
 
 def wait_for(

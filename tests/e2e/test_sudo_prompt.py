@@ -1,8 +1,9 @@
 """Root as the docs promise: "Run `telepresence connect`, you will be prompted for your
-password". A second laptop user whose sudoers rule for the helper asks for a password runs
-`connect` on a real terminal (a pty): sudo asks once, a second connect in the same
-terminal uses sudo's cached timestamp, and a refused password or no terminal at all leaves
-nothing behind. `telepresence helper install` then makes connect prompt-free with a
+password". A second laptop user, an admin by the `sudo` group as a laptop's owner usually
+is, with no sudoers rule of ours, runs `connect` on a real terminal (a pty): sudo asks once,
+a second connect in the same terminal uses sudo's cached timestamp, and a refused password
+or no terminal at all leaves nothing behind. `telepresence helper install` then makes
+connect prompt-free with a
 root-owned copy that the user cannot change, and `uninstall --user` takes it back for one
 user (tests/e2e/test_wheel_install.py uninstalls it all)."""
 
@@ -20,15 +21,14 @@ from pathlib import Path
 import pytest
 
 from devcluster import laptop
-from devcluster.settings import LAPTOP_NS, LAPTOP_USER
+from devcluster.settings import LAPTOP_USER
 from telepresence.netfilter.install import INSTALL_DIR, LAUNCHER, SUDOERS_RULE
-from tests.e2e.cluster import Cluster
+from tests.e2e.cluster import Cluster, run_without_terminal, user_argv
 from tests.e2e.test_outbound import laptop_state, quit_
 
 USER = "tppass"
 PASSWORD = "correct horse 42"
 HOME = Path("/home") / USER
-SUDOERS = Path("/etc/sudoers.d/tp-test-password")
 PROMPT = f"password for {USER}:"
 
 
@@ -37,11 +37,7 @@ def argv(cluster: Cluster, script: str) -> list[str]:
     environment (its PATH holds the product's commands)."""
     env = laptop.environment(cluster.settings, root=False)
     env.update(HOME=str(HOME), USER=USER, LOGNAME=USER, KUBECONFIG=str(HOME / ".kube" / "config"))
-    return [
-        "ip", "netns", "exec", LAPTOP_NS,
-        "setpriv", f"--reuid={USER}", f"--regid={USER}", "--init-groups", "--",
-        "env", "-i", *(f"{k}={v}" for k, v in env.items()), "sh", "-c", script,
-    ]  # fmt: skip
+    return user_argv(USER, env, "sh", "-c", script)
 
 
 def on_terminal(cluster: Cluster, script: str, answers: list[str], timeout: float = 240) -> str:
@@ -98,19 +94,16 @@ def password_user(cluster: Cluster) -> Iterator[Cluster]:
 
 
 @pytest.fixture()
-def password_rule(password_user: Cluster) -> Iterator[Cluster]:
-    """As an admin might allow it: the root-owned helper, for this user, with a password."""
-    rule = SUDOERS.with_name(".tp-test-password.tmp")
-    rule.write_text(f"{USER} ALL=(root) {LAUNCHER}\n")  # no NOPASSWD: sudo asks
-    rule.chmod(0o440)
-    subprocess.run(["visudo", "-cf", str(rule)], check=True, capture_output=True)
-    rule.rename(SUDOERS)
+def admin(password_user: Cluster) -> Iterator[Cluster]:
+    """The user as a laptop's owner usually is: in the `sudo` group, which Debian's and
+    Ubuntu's default sudoers lets run anything after a password. No rule of ours."""
+    subprocess.run(["usermod", "--append", "--groups", "sudo", USER], check=True)
     yield password_user
-    SUDOERS.unlink(missing_ok=True)
+    subprocess.run(["gpasswd", "--delete", USER, "sudo"], capture_output=True, check=False)
 
 
-def test_connect_asks_for_the_password_once_per_terminal(password_rule: Cluster) -> None:
-    cluster = password_rule
+def test_connect_asks_for_the_password_once_per_terminal(admin: Cluster) -> None:
+    cluster = admin
     before = laptop_state(cluster)
     script = (
         "telepresence connect && telepresence status && telepresence quit && "
@@ -124,8 +117,8 @@ def test_connect_asks_for_the_password_once_per_terminal(password_rule: Cluster)
     assert laptop_state(cluster) == before
 
 
-def test_a_refused_password_changes_nothing(password_rule: Cluster) -> None:
-    cluster = password_rule
+def test_a_refused_password_changes_nothing(admin: Cluster) -> None:
+    cluster = admin
     before = laptop_state(cluster)
     transcript = on_terminal(
         cluster,
@@ -139,17 +132,10 @@ def test_a_refused_password_changes_nothing(password_rule: Cluster) -> None:
     assert laptop_state(cluster) == before
 
 
-def test_without_a_terminal_connect_says_how_to_get_root(password_rule: Cluster) -> None:
-    cluster = password_rule
+def test_without_a_terminal_connect_says_how_to_get_root(admin: Cluster) -> None:
+    cluster = admin
     before = laptop_state(cluster)
-    proc = subprocess.run(
-        argv(cluster, "telepresence connect"),
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        start_new_session=True,  # no controlling terminal
-    )
+    proc = run_without_terminal(argv(cluster, "telepresence connect"))
     assert proc.returncode == 1
     (line,) = proc.stderr.strip().splitlines()
     assert "sudo needs your password: run `telepresence connect` in a terminal" in line, line
@@ -205,14 +191,7 @@ def test_an_installed_helper_is_root_owned_and_connects_without_a_password(
         "telepresence connect && curl -sS --max-time 10 verylargejavaservice.default:8080 "
         "&& telepresence quit"
     )
-    proc = subprocess.run(
-        argv(cluster, script),
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=180,
-        start_new_session=True,
-    )
+    proc = run_without_terminal(argv(cluster, script))
     assert proc.returncode == 0, proc.stderr
     assert "<title>" in proc.stdout
     assert laptop_state(cluster) == before
@@ -243,12 +222,5 @@ def test_uninstall_for_one_user_keeps_the_others(installed: Cluster) -> None:
     assert f"{USER} may no longer run {LAUNCHER} without a password" in out
     assert LAUNCHER.exists()
     assert USER not in SUDOERS_RULE.read_text() and LAPTOP_USER in SUDOERS_RULE.read_text()
-    proc = subprocess.run(
-        argv(cluster, "telepresence connect"),
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        start_new_session=True,
-    )
+    proc = run_without_terminal(argv(cluster, "telepresence connect"))
     assert proc.returncode == 1 and "sudo needs your password" in proc.stderr

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from devcluster.settings import LAPTOP_NS, LAPTOP_USER
+from devcluster.settings import LAPTOP_USER
 from telepresence.netfilter.install import INSTALL_DIR, SUDOERS_RULE
-from tests.e2e.cluster import Cluster
+from tests.e2e.cluster import Cluster, run_without_terminal, user_argv
 from tests.e2e.test_outbound import laptop_state, quit_
 
 REPO = Path(__file__).resolve().parents[2]
@@ -36,19 +36,7 @@ def as_user(*cmd: str, timeout: float = 180) -> subprocess.CompletedProcess[str]
         "KUBECONFIG": str(HOME / ".kube" / "config"),
         "LANG": "C.UTF-8",
     }
-    argv = [
-        "ip", "netns", "exec", LAPTOP_NS,
-        "setpriv", f"--reuid={LAPTOP_USER}", f"--regid={LAPTOP_USER}", "--init-groups", "--",
-        "env", "-i", *(f"{k}={v}" for k, v in env.items()), *cmd,
-    ]  # fmt: skip
-    return subprocess.run(
-        argv,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        start_new_session=True,
-    )
+    return run_without_terminal(user_argv(LAPTOP_USER, env, *cmd), timeout=timeout)
 
 
 @pytest.fixture(scope="module")
