@@ -20,17 +20,15 @@ import aiohttp
 import pytest
 import yaml
 from aiohttp import web
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from telepresence.k8s.api import ApiUnreachable, InClusterAccess, KubeApi, Route, Unauthorized
 from telepresence.k8s.credentials import CredentialError, tls_context
 from telepresence.k8s.kubeconfig import ClusterAccess, load
 from telepresence.k8s.portforward import PROTOCOL, PortForward
-
-pytest.importorskip("cryptography")
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 SERVER_NAME = "kubernetes.test"
 V1 = "client.authentication.k8s.io/v1"
