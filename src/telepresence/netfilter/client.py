@@ -35,12 +35,14 @@ from telepresence.netfilter.protocol import (
     Error,
     Hello,
     HostRoutesDone,
+    LinkDomainsDone,
     NameserversDone,
     Ok,
     RefreshNameservers,
     RemoveHostRoutes,
     Request,
     Response,
+    SetLinkDomains,
     Setup,
     SetupDone,
     SocketReady,
@@ -93,13 +95,16 @@ class SetupResult:
     """``tun_fd`` belongs to the caller (close it when done); ``routed`` is what
     is routed after the never-proxy holes; ``nameservers`` are the addresses whose
     DNS the helper redirects (its choice, from /etc/resolv.conf); ``mark`` is the
-    mark on upstream sockets."""
+    mark on upstream sockets; ``dns_mode`` and ``dns_address``: see
+    :class:`.protocol.SetupDone`."""
 
     tun_fd: int
     tun_name: str
     routed: list[IPv4Network]
     nameservers: list[IPv4Address]
     mark: int
+    dns_mode: Literal["redirect", "resolved"] = "redirect"
+    dns_address: IPv4Address | None = None
 
 
 @dataclass(frozen=True)
@@ -294,6 +299,8 @@ class HelperClient:
             routed=[IPv4Network(n) for n in done.routed],
             nameservers=[IPv4Address(n) for n in done.nameservers],
             mark=done.mark,
+            dns_mode=done.dns_mode,
+            dns_address=IPv4Address(done.dns_address) if done.dns_address else None,
         )
 
     async def update_subnets(self, subnets: Iterable[IPNetwork | str]) -> list[IPv4Network]:
@@ -323,6 +330,15 @@ class HelperClient:
             changed=done.changed,
             kept=done.kept,
         )
+
+    async def set_link_domains(
+        self, *, routing: Iterable[str], search: Iterable[str] = ()
+    ) -> list[str]:
+        """In "resolved" DNS mode: the names systemd-resolved sends to us (see
+        :class:`.protocol.SetLinkDomains`); returns the link's domains as applied."""
+        request = SetLinkDomains(routing=list(routing), search=list(search))
+        done, _ = await self._request(request, LinkDomainsDone)
+        return list(done.domains)
 
     async def upstream_socket(
         self, kind: Literal["udp", "tcp"], *, family: Literal[4, 6] = 4

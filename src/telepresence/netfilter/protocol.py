@@ -159,6 +159,22 @@ class RefreshNameservers(_Request, frozen=True, kw_only=True):
     """
 
 
+class SetLinkDomains(_Request, frozen=True, kw_only=True):
+    """Which names systemd-resolved sends to the DNS server on our TUN (``dns_mode``
+    "resolved" only).
+
+    The helper applies them to its own TUN link and nothing else: the request names no
+    link, no server and no global setting.  ``routing``: domains whose names resolved
+    routes to us (routing-only, ``~domain``); ``search``: domains that are also appended
+    to single-label names (and route too).  Each is a plain DNS name (no ``~``, never
+    the root); the helper refuses anything else.  Replaces the previous list.  Answered
+    with :class:`LinkDomainsDone`.
+    """
+
+    routing: list[str]
+    search: list[str] = []
+
+
 class Status(_Request, frozen=True, kw_only=True):
     """What is applied, read back from the kernel.  -> :class:`StatusReply`."""
 
@@ -174,6 +190,7 @@ Request = (
     | RemoveHostRoutes
     | UpstreamSocket
     | RefreshNameservers
+    | SetLinkDomains
     | Status
     | Teardown
 )
@@ -205,12 +222,19 @@ class Error(msgspec.Struct, frozen=True, kw_only=True, tag=True):
 class SetupDone(msgspec.Struct, frozen=True, kw_only=True, tag=True):
     """``routed``: the subnets actually routed, after the never-proxy holes;
     ``nameservers``: the addresses whose port 53 is redirected (read by the helper
-    from /etc/resolv.conf); ``mark``: the mark on upstream sockets."""
+    from /etc/resolv.conf); ``mark``: the mark on upstream sockets.
+
+    ``dns_mode``: "redirect" (port 53 of ``nameservers`` is redirected to the daemon)
+    or "resolved" (systemd-resolved sends the link's domains to ``dns_address``, an
+    address routed to the TUN whose UDP port 53 the daemon answers from the TUN;
+    nothing is redirected and ``nameservers`` is empty)."""
 
     tun_name: str
     routed: list[str]
     nameservers: list[str] = []
     mark: int = 0
+    dns_mode: Literal["redirect", "resolved"] = "redirect"
+    dns_address: str = ""
 
 
 class SubnetsDone(msgspec.Struct, frozen=True, kw_only=True, tag=True):
@@ -241,6 +265,12 @@ class NameserversDone(msgspec.Struct, frozen=True, kw_only=True, tag=True):
     kept: str = ""
 
 
+class LinkDomainsDone(msgspec.Struct, frozen=True, kw_only=True, tag=True):
+    """The TUN link's domains as applied now, routing-only ones written ``~domain``."""
+
+    domains: list[str]
+
+
 class SocketReady(msgspec.Struct, frozen=True, kw_only=True, tag=True):
     kind: Literal["udp", "tcp"]
     family: Literal[4, 6] = 4
@@ -262,6 +292,9 @@ class StatusReply(msgspec.Struct, frozen=True, kw_only=True, tag=True):
     dns_redirects: list[str] = []
     proxy_port: int = 0
     mark: int = 0
+    dns_mode: Literal["redirect", "resolved"] = "redirect"
+    dns_address: str = ""
+    link_domains: list[str] = []
 
 
 Response = (
@@ -272,6 +305,7 @@ Response = (
     | SubnetsDone
     | HostRoutesDone
     | NameserversDone
+    | LinkDomainsDone
     | SocketReady
     | StatusReply
 )
