@@ -6,9 +6,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # runc, CNI plugins: devcluster's node; mmdebstrap: its images; gcc, libc6-dev, binutils: the
-# static pause binary.
+# static pause binary; dbus-daemon: the laptop's system bus in the resolved DNS flavours.
 packages=(nftables dnsmasq-base sudo dnsutils iproute2 procps psmisc util-linux python3-venv curl
-  ca-certificates runc containernetworking-plugins mmdebstrap gcc libc6-dev binutils)
+  ca-certificates runc containernetworking-plugins mmdebstrap gcc libc6-dev binutils dbus-daemon)
 missing=()
 for p in "${packages[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if ((${#missing[@]})); then

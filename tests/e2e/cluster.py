@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from devcluster import node
-from devcluster.settings import LAPTOP_NS, Settings
+from devcluster import laptopdns, node
+from devcluster.settings import Settings
 
 T = TypeVar("T")
 
@@ -45,7 +45,7 @@ def user_argv(user: str, env: dict[str, str], *cmd: str) -> list[str]:
     """A command line that runs CMD in the laptop namespace as ``user`` (any laptop user,
     not only devcluster's), with exactly ``env``."""
     return [
-        "ip", "netns", "exec", LAPTOP_NS,
+        *laptopdns.enter_argv(Settings()),
         "setpriv", f"--reuid={user}", f"--regid={user}", "--init-groups", "--",
         "env", "-i", *(f"{k}={v}" for k, v in env.items()), *cmd,
     ]  # fmt: skip

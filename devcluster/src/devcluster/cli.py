@@ -1,6 +1,9 @@
 """devcluster: a real Kubernetes cluster on this machine, in network namespaces.
 
-devcluster up [--sample-app]     idempotent; builds/caches binaries, starts everything
+devcluster up [--sample-app] [--laptop-dns FLAVOUR]
+                                 idempotent; builds/caches binaries, starts everything
+devcluster laptop-dns [FLAVOUR]  show or switch the laptop's DNS stack: plain,
+                                 resolved-stub (Ubuntu) or resolved-nss (Fedora)
 devcluster status                components, versions, namespaces, addresses
 devcluster laptop [--root] -- CMD...
 devcluster pod -- CMD...
@@ -20,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from devcluster import laptop, network, node
+from devcluster import laptop, laptopdns, network, node
 from devcluster.settings import NODE_NAME, NODE_NS, TOOLBOX_NS, Settings
 from devcluster.supervisor import IMAGES_FILE, READY_FILE, STATUS_FILE
 
@@ -36,6 +39,9 @@ REQUIRED_TOOLS = (
     "nsenter",
     "unshare",
     "mmdebstrap",
+    "dbus-daemon",
+    "findmnt",
+    "dpkg-deb",
 )
 
 
@@ -106,8 +112,10 @@ def build(settings: Settings) -> dict[str, Path]:
         raise DevclusterError(f"building the images failed: {e}") from e
 
 
-def up(settings: Settings, *, sample_app: bool) -> None:
+def up(settings: Settings, *, sample_app: bool, laptop_dns: str | None = None) -> None:
     check_host()
+    if laptop_dns is not None:
+        laptopdns.check_flavour(laptop_dns)
     archives = build(settings)
     laptop.sync_sources(settings)
     laptop.install_commands(settings)
@@ -118,11 +126,14 @@ def up(settings: Settings, *, sample_app: bool) -> None:
             json.dumps({ref: str(path) for ref, path in archives.items()})
         )
         start_supervisor(settings)
+        laptopdns.apply(settings, laptop_dns or laptopdns.DEFAULT_FLAVOUR)
     else:
         print("devcluster is already up")
         updated = node.import_images(settings, archives)
         if updated:
             print(f"imported rebuilt images: {', '.join(updated)}")
+        if laptop_dns is not None and laptop_dns != laptopdns.current(settings):
+            laptopdns.apply(settings, laptop_dns)
     if sample_app:
         deploy_sample_app(settings)
     print(f"devcluster is up: API server {settings.addresses.api_url}")
@@ -134,6 +145,9 @@ def start_supervisor(settings: Settings) -> None:
     paths.logs.mkdir(parents=True, exist_ok=True)
     laptop.ensure_user()
     network.create_base(settings.addresses)
+    resolved_root = laptopdns.unpack_resolved(settings)
+    laptopdns.create_mount_namespace(settings, resolved_root=resolved_root)
+    laptopdns.install_resolvectl(settings, resolved_root=resolved_root)
     log_file = (paths.logs / "supervisor.log").open("ab")
     proc = subprocess.Popen(
         [sys.executable, "-m", "devcluster.supervisor"],
@@ -207,6 +221,8 @@ def down(settings: Settings, *, quiet: bool = False) -> None:
         if _pid_alive(pid):
             os.kill(pid, signal.SIGKILL)
     laptop.kill_user_processes()
+    laptopdns.stop_daemons(settings)
+    laptopdns.destroy_mount_namespace(settings)
     node.teardown(settings)
     network.destroy_all()
     for name in ("etcd", "pki", "node"):
@@ -218,6 +234,7 @@ def down(settings: Settings, *, quiet: bool = False) -> None:
         "failed",
         "supervisor.pid",
         "admin.kubeconfig",
+        "laptop-dns",
     ):
         with contextlib.suppress(FileNotFoundError):
             (paths.run / name).unlink()
@@ -246,7 +263,10 @@ def status(settings: Settings) -> int:
     print(f"  pods:         {a.pod_cidr} (node podCIDR {a.node_pod_cidr})")
     namespaces = sorted(n for n in network.netns_names() if n.startswith("dc-"))
     print(f"  namespaces:   {', '.join(namespaces)}")
-    print(f"  laptop:       {a.laptop_link_laptop}, resolver {a.laptop_resolver}")
+    print(
+        f"  laptop:       {a.laptop_link_laptop}, resolver {a.laptop_resolver}, "
+        f"DNS flavour {laptopdns.current(settings)}"
+    )
     print(f"  external:     {a.external_ip} ({a.external_name}, reachable from pods only)")
     pods = kubectl(
         settings, "get", "pods", "-A", "-o", "wide", "--no-headers", check=False
@@ -266,6 +286,13 @@ def main(argv: list[str] | None = None) -> None:
     p_up.add_argument(
         "--sample-app", action="store_true", help="deploy verylargejavaservice in default"
     )
+    p_up.add_argument(
+        "--laptop-dns",
+        choices=laptopdns.FLAVOURS,
+        help="the laptop's DNS stack (default: plain on a fresh start, else unchanged)",
+    )
+    p_dns = sub.add_parser("laptop-dns", help="show or switch the laptop's DNS stack")
+    p_dns.add_argument("flavour", nargs="?", choices=laptopdns.FLAVOURS)
     sub.add_parser("down", help="stop everything and remove what devcluster made")
     sub.add_parser("status", help="show components, versions and addresses")
     p_laptop = sub.add_parser("laptop", help="run a command in the laptop namespace")
@@ -277,7 +304,16 @@ def main(argv: list[str] | None = None) -> None:
     settings = Settings()
     try:
         if args.command == "up":
-            up(settings, sample_app=args.sample_app)
+            up(settings, sample_app=args.sample_app, laptop_dns=args.laptop_dns)
+        elif args.command == "laptop-dns":
+            if args.flavour is None:
+                print(laptopdns.current(settings))
+                return
+            check_host()
+            if not is_up(settings):
+                raise DevclusterError("devcluster is not up: run `devcluster up` first")
+            laptopdns.apply(settings, args.flavour)
+            print(f"laptop DNS: {args.flavour}")
         elif args.command == "down":
             check_host()
             down(settings)
@@ -291,7 +327,7 @@ def main(argv: list[str] | None = None) -> None:
                 raise DevclusterError("devcluster is not up: run `devcluster up` first")
             if args.command == "laptop":
                 env = laptop.environment(settings, root=args.root)
-                full = laptop.argv(cmd, root=args.root)
+                full = laptop.argv(settings, cmd, root=args.root)
             else:
                 env = {
                     **os.environ,
@@ -300,7 +336,7 @@ def main(argv: list[str] | None = None) -> None:
                 }
                 full = ["ip", "netns", "exec", TOOLBOX_NS, *cmd]
             os.execvpe(full[0], full, env)
-    except DevclusterError as e:
+    except (DevclusterError, laptopdns.FlavourError) as e:
         print(f"devcluster: {e}", file=sys.stderr)
         sys.exit(1)
 

@@ -13,9 +13,9 @@ import pwd
 import shutil
 from pathlib import Path
 
-from devcluster import controlplane
+from devcluster import controlplane, laptopdns
 from devcluster.pki import KeyPair
-from devcluster.settings import LAPTOP_NS, LAPTOP_USER, Settings
+from devcluster.settings import LAPTOP_USER, Settings
 from devcluster.system import run
 
 #: What earlier devcluster versions wrote to install the product, removed by `up`.
@@ -113,9 +113,9 @@ def environment(settings: Settings, *, root: bool) -> dict[str, str]:
     return env
 
 
-def argv(command: list[str], *, root: bool) -> list[str]:
-    """The command line that runs `command` in the laptop namespace."""
-    prefix = ["ip", "netns", "exec", LAPTOP_NS]
+def argv(settings: Settings, command: list[str], *, root: bool) -> list[str]:
+    """The command line that runs `command` in the laptop's namespaces."""
+    prefix = laptopdns.enter_argv(settings)
     if root:
         return [*prefix, *command]
     # setpriv, not su/runuser: no PAM session is opened, so `down` has none to close.

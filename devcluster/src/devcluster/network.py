@@ -15,6 +15,7 @@ from pods only.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from devcluster.settings import (
     EXTERNAL_NS,
@@ -67,15 +68,26 @@ def _link(
         ip("route", "add", "default", "via", gateway, "dev", "eth0", netns=peer_ns)
 
 
-def write_resolv_conf(netns: str, *, nameserver: str, search: list[str], ndots: int) -> None:
-    """`ip netns exec` bind-mounts /etc/netns/NAME/resolv.conf over /etc/resolv.conf."""
-    folder = NETNS_ETC / netns
-    folder.mkdir(parents=True, exist_ok=True)
+def resolv_conf_text(*, nameserver: str, search: list[str], ndots: int) -> str:
     lines = [f"nameserver {nameserver}"]
     if search:
         lines.append("search " + " ".join(search))
     lines.append(f"options ndots:{ndots}")
-    (folder / "resolv.conf").write_text("\n".join(lines) + "\n")
+    return "\n".join(lines) + "\n"
+
+
+def write_resolv_conf(netns: str, *, nameserver: str, search: list[str], ndots: int) -> None:
+    """`ip netns exec` and the laptop's mount namespace bind-mount
+    /etc/netns/NAME/resolv.conf over /etc/resolv.conf."""
+    folder = NETNS_ETC / netns
+    folder.mkdir(parents=True, exist_ok=True)
+    text = resolv_conf_text(nameserver=nameserver, search=search, ndots=ndots)
+    (folder / "resolv.conf").write_text(text)
+
+
+def laptop_resolv_conf(addr: Addresses) -> dict[str, Any]:
+    """The plain laptop's resolv.conf: its home router's resolver, as DHCP gives it."""
+    return {"nameserver": str(addr.laptop_resolver), "search": ["lan"], "ndots": 1}
 
 
 def create_base(addr: Addresses) -> None:
@@ -131,7 +143,7 @@ def create_base(addr: Addresses) -> None:
         search=["default.svc.cluster.local", "svc.cluster.local", "cluster.local"],
         ndots=5,
     )
-    write_resolv_conf(LAPTOP_NS, nameserver=str(addr.laptop_resolver), search=["lan"], ndots=1)
+    write_resolv_conf(LAPTOP_NS, **laptop_resolv_conf(addr))
 
     # The laptop may open the API server port and nothing else in the cluster.
     nft(

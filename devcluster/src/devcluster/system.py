@@ -15,10 +15,21 @@ class CommandError(RuntimeError):
 
 
 def run(
-    args: Sequence[str], *, check: bool = True, input: str | None = None, timeout: float = 60
+    args: Sequence[str],
+    *,
+    check: bool = True,
+    input: str | None = None,
+    timeout: float = 60,
+    cwd: str | None = None,
 ) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run(
-        list(args), capture_output=True, text=True, input=input, timeout=timeout, check=False
+        list(args),
+        capture_output=True,
+        text=True,
+        input=input,
+        timeout=timeout,
+        check=False,
+        cwd=cwd,
     )
     if check and proc.returncode != 0:
         raise CommandError(f"{' '.join(args)}: {proc.stderr.strip() or proc.stdout.strip()}")
