@@ -27,7 +27,8 @@ def cluster() -> Iterator[Cluster]:
         pytest.fail("end-to-end tests need root (network namespaces): run them as root")
     c = Cluster()
     was_up = c.devcluster("status", check=False).returncode == 0
-    c.devcluster("up", "--sample-app")
+    # The plain laptop unless a test switches (tests/e2e/test_laptop_flavours.py).
+    c.devcluster("up", "--sample-app", "--laptop-dns", "plain")
     # The product, installed for the laptop user as the README says (devcluster does not).
     subprocess.run(["bash", str(REPO / "scripts" / "install-laptop.sh")], check=True, timeout=900)
     # Start from a laptop with no session, whatever an earlier run left connected.

@@ -44,6 +44,9 @@ def laptop_state(cluster: Cluster) -> dict[str, str]:
         "listening": listening,
         "processes": root("pgrep", "-a", "-u", "tpuser"),
         "resolv.conf": root("cat", "/etc/resolv.conf"),
+        "nsswitch.conf": root("cat", "/etc/nsswitch.conf"),
+        # systemd-resolved's links and their DNS (empty where resolved does not run).
+        "resolvectl": root("resolvectl", "status"),
         "telepresence processes": "\n".join(
             line
             for line in root("ps", "-eo", "user,args").splitlines()
