@@ -31,8 +31,9 @@ def test_the_helper_entry_module_imports_nothing_it_does_not_need() -> None:
         *(
             f"telepresence.netfilter.{m}"
             for m in (
-                "fdpass", "helper", "journal", "nftables", "policy", "protocol",
-                "resolvconf", "routes", "state", "subnets", "tun",
+                "dnspolicy", "dnsstate", "fdpass", "helper", "journal", "nftables",
+                "policy", "protocol", "resolvconf", "resolved", "routes", "routestate",
+                "state", "subnets", "tun",
             )
         ),
     }, ours  # fmt: skip

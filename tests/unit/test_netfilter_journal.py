@@ -13,6 +13,7 @@ from telepresence.netfilter.journal import (
     Journal,
     LinkEntry,
     NftTableEntry,
+    ResolvedLinkEntry,
     RouteEntry,
     current_identity,
     describe,
@@ -25,6 +26,7 @@ LINK = LinkEntry(name="tel0", ifindex=7)
 ROUTE_A = RouteEntry(network="10.96.0.0/16", device="tel0", ifindex=7)
 ROUTE_B = RouteEntry(network="10.244.0.0/16", device="tel0", ifindex=7)
 TABLE = NftTableEntry(name="telepresence")
+RESOLVED = ResolvedLinkEntry(name="tel0", ifindex=7)
 
 
 def dead_owner(me: Identity, **changes: object) -> Identity:
@@ -50,15 +52,33 @@ def test_current_identity_is_alive_and_a_stranger_is_not() -> None:
 
 
 def test_entries_are_described_for_people() -> None:
-    assert [describe(e) for e in (LINK, ROUTE_A, TABLE)] == [
+    assert [describe(e) for e in (LINK, ROUTE_A, TABLE, RESOLVED)] == [
         "TUN device tel0",
         "route 10.96.0.0/16 dev tel0",
         "nftables table ip telepresence",
+        "systemd-resolved DNS settings of tel0",
     ]
 
 
-def test_undo_order_is_table_then_routes_then_link_newest_first() -> None:
+def test_undo_order_is_dns_first_then_routes_then_link_newest_first() -> None:
+    """resolved's settings before the table (both are DNS: the laptop's lookups work
+    again at once), and before the link they belong to."""
     assert undo_order([LINK, ROUTE_A, ROUTE_B, TABLE]) == [TABLE, ROUTE_B, ROUTE_A, LINK]
+    assert undo_order([LINK, ROUTE_A, TABLE, RESOLVED]) == [RESOLVED, TABLE, ROUTE_A, LINK]
+
+
+def test_a_resolved_entry_survives_the_journal_file(tmp_path: Path) -> None:
+    me = current_identity()
+    write_journal(tmp_path, dead_owner(me), LINK, ROUTE_A, TABLE, RESOLVED)
+    undone: list[Entry] = []
+
+    def undo(entry: Entry) -> bool:
+        undone.append(entry)
+        return True
+
+    report = sweep(tmp_path, current=me, undo=undo)
+    assert undone == [RESOLVED, TABLE, ROUTE_A, LINK]
+    assert report.undone[0] == "systemd-resolved DNS settings of tel0"
 
 
 def test_record_writes_before_and_forget_removes_the_file_when_empty(tmp_path: Path) -> None:

@@ -6,9 +6,10 @@ from __future__ import annotations
 from ipaddress import IPv4Address
 from pathlib import Path
 
-from telepresence.netfilter import policy
+from telepresence.netfilter import dnspolicy, policy
+from telepresence.netfilter.dnspolicy import choose_nameservers
+from telepresence.netfilter.dnsstate import DnsApplied
 from telepresence.netfilter.journal import Journal, NftTableEntry, current_identity
-from telepresence.netfilter.policy import choose_nameservers
 from telepresence.netfilter.protocol import (
     Error,
     NameserversDone,
@@ -16,7 +17,8 @@ from telepresence.netfilter.protocol import (
     Setup,
 )
 from telepresence.netfilter.routes import LaptopNetwork
-from telepresence.netfilter.state import NetworkState, _Applied
+from telepresence.netfilter.routestate import Applied
+from telepresence.netfilter.state import NetworkState
 
 OLD = [IPv4Address("198.51.100.53"), IPv4Address("198.51.100.54")]
 NEW = [IPv4Address("192.0.2.1")]
@@ -34,7 +36,7 @@ def test_a_file_without_usable_nameservers_keeps_the_last_good_list() -> None:
     assert choice.nameservers == OLD
     assert "no IPv4 nameserver" in choice.kept and "198.51.100.53" in choice.kept
     # With no list yet, there is nothing to keep, and nothing to say.
-    assert choose_nameservers(current=[], read=[]) == policy.NameserverChoice(nameservers=[])
+    assert choose_nameservers(current=[], read=[]) == dnspolicy.NameserverChoice(nameservers=[])
 
 
 class RecordingNft:
@@ -62,8 +64,10 @@ def connected_state(tmp_path: Path, resolv: Path) -> tuple[NetworkState, Recordi
         network=LaptopNetwork(routes=[], gateways=[], rule_marks=[]),
         nameservers=OLD,
     )
-    state._applied = _Applied(
-        plan=plan, nameservers=list(OLD), table=NftTableEntry(name="telepresence")
+    state._applied = Applied(
+        plan=plan,
+        dns=DnsApplied(mode="redirect", nameservers=list(OLD)),
+        table=NftTableEntry(name="telepresence"),
     )
     return state, nft
 
@@ -87,7 +91,7 @@ def test_refresh_moves_the_redirect_in_one_transaction(tmp_path: Path) -> None:
         "flush set ip telepresence dns_servers\n"
         "add element ip telepresence dns_servers { 192.0.2.1 }\n"
     ]
-    assert state._applied is not None and state._applied.nameservers == NEW  # for Status
+    assert state._applied is not None and state._applied.dns.nameservers == NEW  # for Status
 
 
 def test_refresh_keeps_the_last_good_list_through_an_empty_file(tmp_path: Path) -> None:

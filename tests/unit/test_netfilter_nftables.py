@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from ipaddress import IPv4Address, IPv4Network
 
 import pytest
@@ -108,6 +109,23 @@ def test_set_update_is_one_transaction_removing_first() -> None:
 def test_delete_and_status_lines() -> None:
     assert render_delete("telepresence") == "delete table ip telepresence\n"
     assert render_dns_redirects(CONFIG) == ["198.51.100.53:53 -> 127.0.0.1:1053 (udp+tcp)"]
+
+
+RESOLVED_MODE = dataclasses.replace(CONFIG, dns_servers=[], link_dns=IPv4Address("198.18.255.253"))
+
+
+def test_resolved_mode_sends_tcp_to_the_link_dns_address_to_the_daemon() -> None:
+    """resolved's UDP goes to the TUN (the route), its TCP fallback to the daemon's
+    TCP server; the nameserver set stays empty."""
+    text = render_create(RESOLVED_MODE)
+    body = text.split("chain dns {", 1)[1].split("}", 1)[0]
+    rules = [line.strip() for line in body.splitlines() if line.strip()]
+    assert rules[1] == "meta mark 0x00007e1e return"
+    assert rules[-1] == "ip daddr 198.18.255.253 tcp dport 53 redirect to :1053"
+    assert "198.18.255.253 udp" not in text
+    assert "elements" not in text.split("set dns_servers {", 1)[1].split("}", 1)[0]
+    assert "198.18.255.253" not in render_create(CONFIG)
+    assert render_dns_redirects(RESOLVED_MODE) == ["198.18.255.253:53 -> 127.0.0.1:1053 (tcp)"]
 
 
 @pytest.mark.parametrize("name", ["", "1abc", "a b", "a;flush ruleset", "x" * 33, "tél"])

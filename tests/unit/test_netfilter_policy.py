@@ -50,6 +50,15 @@ def test_the_helper_chooses_names_address_mark_and_nameservers() -> None:
     assert p.routed(p.requested) == [IPv4Network("10.96.0.0/16"), IPv4Network("10.244.0.0/16")]
 
 
+def test_in_resolved_mode_the_table_redirects_tcp_to_the_link_dns_address() -> None:
+    p = plan_setup(setup(), network=NETWORK, nameservers=[], link_dns=policy.LINK_DNS_ADDRESS)
+    assert p.table.link_dns == IPv4Address("198.18.255.253") and p.table.dns_servers == []
+    # Next to the TUN's own address, and never the same.
+    assert p.tun_address != policy.LINK_DNS_ADDRESS
+    assert IPv4Network("198.18.0.0/15").supernet_of(IPv4Network(policy.LINK_DNS_ADDRESS))
+    assert plan(setup()).table.link_dns is None  # redirect mode
+
+
 def test_never_proxy_only_narrows() -> None:
     p = plan(setup(subnets=["10.96.0.0/30"], never_proxy=["10.96.0.2/32"]))
     assert p.routed(p.requested) == [IPv4Network("10.96.0.0/31"), IPv4Network("10.96.0.3/32")]
@@ -128,6 +137,8 @@ def test_a_mark_that_an_ip_rule_selects_is_refused() -> None:
         ("192.168.1.1", "default gateway"),
         ("10.8.0.5", "overlaps route 10.8.0.0/16"),
         ("2001:db8::1", "IPv6"),
+        ("198.18.255.254", "the network helper's own address"),
+        ("198.18.255.253", "the network helper's own address"),
     ],
 )
 def test_host_routes_skip_what_must_not_be_routed(address: str, reason: str | None) -> None:

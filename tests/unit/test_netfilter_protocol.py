@@ -186,4 +186,4 @@ def test_refresh_carries_no_address_and_its_answer_tolerates_new_fields() -> Non
         {"type": "NameserversDone", "nameservers": ["192.0.2.1"], "later": 1}
     )))  # fmt: skip
     assert decoder.next() == (NameserversDone(nameservers=["192.0.2.1"]), [])
-    assert protocol.VERSION == 3
+    assert protocol.VERSION == 4

@@ -5,7 +5,12 @@ from __future__ import annotations
 from ipaddress import IPv4Address
 from pathlib import Path
 
-from telepresence.netfilter.resolvconf import ResolvConf, read_resolv_conf
+from telepresence.netfilter.resolvconf import (
+    ResolvConf,
+    hosts_sources,
+    read_hosts_sources,
+    read_resolv_conf,
+)
 
 
 def test_nameservers_and_search_as_glibc_reads_them() -> None:
@@ -52,3 +57,19 @@ def test_options_timeout_and_attempts_as_glibc_clamps_them() -> None:
     assert (conf.timeout, conf.attempts) == (1, 3)
     conf = ResolvConf.parse("options timeout:99 attempts:0 timeout:x\n")
     assert (conf.timeout, conf.attempts) == (30, 1)
+
+
+def test_the_hosts_line_of_nsswitch_conf() -> None:
+    text = (
+        "# hosts: dns\n"
+        "passwd: files systemd\n"
+        "hosts:  files myhostname resolve [!UNAVAIL=return] dns  # Fedora\n"
+    )
+    assert hosts_sources(text) == ["files", "myhostname", "resolve", "[!UNAVAIL=return]", "dns"]
+    assert hosts_sources("passwd: files\n") == []
+
+
+def test_a_missing_nsswitch_conf_has_no_sources(tmp_path: Path) -> None:
+    assert read_hosts_sources(tmp_path / "nope") == []
+    (tmp_path / "nsswitch.conf").write_text("hosts: files dns\n")
+    assert read_hosts_sources(tmp_path / "nsswitch.conf") == ["files", "dns"]

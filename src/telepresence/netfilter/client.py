@@ -4,7 +4,8 @@ Runs unprivileged.  The daemon listens on a Unix socket in its own 0700
 runtime directory and starts ``sudo -n telepresence-helper --connect PATH``
 (:meth:`HelperClient.start`), or waits for the one `telepresence connect` started on
 the user's terminal (:class:`HelperListener`); sudo closes inherited
-descriptors, so the helper connects back by path.
+descriptors, so the helper connects back by path (the socket, the peer check and
+the start are :mod:`.launch`).
 After that, one request at a time; each method below is one request.
 
 If the connection drops (the helper died), every call raises
@@ -17,22 +18,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
-import os
 import socket
-import struct
-from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
-from types import TracebackType
-from typing import Literal, TypeVar
+from typing import Literal
 
-from telepresence.netfilter import fdpass, protocol
+from telepresence.netfilter.exchange import HelperConnection
+from telepresence.netfilter.launch import (
+    HELPER_SOCKET,
+    HelperError,
+    HelperGone,
+    accept_root,
+    listen,
+    spawn,
+)
 from telepresence.netfilter.protocol import (
     AddHostRoutes,
-    Error,
     Hello,
     HostRoutesDone,
     LinkDomainsDone,
@@ -40,8 +43,6 @@ from telepresence.netfilter.protocol import (
     Ok,
     RefreshNameservers,
     RemoveHostRoutes,
-    Request,
-    Response,
     SetLinkDomains,
     Setup,
     SetupDone,
@@ -66,28 +67,6 @@ __all__ = [
     "SetupResult",
     "StatusReply",
 ]
-
-log = logging.getLogger(__name__)
-
-_UCRED = struct.Struct("3i")
-_R = TypeVar("_R", bound=Response)
-#: The last lines the helper wrote to stderr, quoted when it fails to start.
-_STDERR_LINES = 20
-
-
-#: The socket's name in the daemon's runtime directory.
-HELPER_SOCKET = "helper.sock"
-
-
-class HelperError(Exception):
-    """The helper refused or failed a request; the message is one actionable line.
-
-    Whatever the failed request had changed was undone before the answer.
-    """
-
-
-class HelperGone(HelperError):
-    """The connection to the helper is closed: it exited, was killed, or never started."""
 
 
 @dataclass(frozen=True)
@@ -129,31 +108,11 @@ def _strs(items: Iterable[object]) -> list[str]:
     return [str(i) for i in items]
 
 
-class HelperClient:
+class HelperClient(HelperConnection):
     """One connection to one helper.  Use :meth:`start`, then ``async with`` or :meth:`close`.
 
-    Requests are serialised: concurrent calls queue.  A call cancelled while
-    waiting for its answer still consumes that answer (and closes any
-    descriptor in it), so a later call never receives an earlier answer.
+    Each method below is one request; the exchange is :class:`.exchange.HelperConnection`.
     """
-
-    def __init__(
-        self,
-        sock: socket.socket,
-        *,
-        hello: Hello,
-        process: asyncio.subprocess.Process | None = None,
-        stderr_task: asyncio.Task[None] | None = None,
-    ) -> None:
-        sock.setblocking(False)
-        self._sock = sock
-        self._hello = hello
-        self._process = process
-        self._stderr_task = stderr_task
-        self._decoder = protocol.FrameDecoder()
-        self._lock = asyncio.Lock()
-        self._exchanges: set[asyncio.Task[tuple[Response, list[int]]]] = set()
-        self._closed = False
 
     # --- starting ------------------------------------------------------------
 
@@ -175,56 +134,24 @@ class HelperClient:
         :class:`HelperError` with the helper's (or sudo's) last error line
         when it exits before connecting, and on ``timeout``.
         """
-        path = runtime_dir / HELPER_SOCKET
-        listener = _listen(path)
-        stderr_lines: deque[str] = deque(maxlen=_STDERR_LINES)
-        loop = asyncio.get_running_loop()
-        process: asyncio.subprocess.Process | None = None
-        stderr_task: asyncio.Task[None] | None = None
-        conn: socket.socket | None = None
+        spawned = await spawn(
+            command=command, path=runtime_dir / HELPER_SOCKET, debug=debug, timeout=timeout
+        )
         try:
-            argv = [*command, "--connect", str(path), *(["--debug"] if debug else [])]
-            process = await asyncio.create_subprocess_exec(
-                *argv,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.DEVNULL,
-                stderr=asyncio.subprocess.PIPE,
+            return await asyncio.wait_for(
+                cls.from_socket(
+                    spawned.conn, process=spawned.process, stderr_task=spawned.stderr_task
+                ),
+                timeout,
             )
-            assert process.stderr is not None
-            stderr_task = asyncio.create_task(
-                _relay_stderr(process.stderr, stderr_lines), name="helper-stderr"
-            )
-            conn = await _accept_or_exit(loop, listener, process, timeout=timeout)
-            if conn is None:
-                await asyncio.wait({stderr_task}, timeout=1.0)
-                last = stderr_lines[-1] if stderr_lines else "no error output"
-                raise HelperGone(
-                    f"the network helper exited with status {process.returncode} before "
-                    f"connecting: {last}"
-                )
-            _check_peer_is_root(conn)
-            try:
-                return await asyncio.wait_for(
-                    cls.from_socket(conn, process=process, stderr_task=stderr_task), timeout
-                )
-            except HelperGone as e:
-                # It connected, then gave up (it logs why on stderr before exiting).
-                await asyncio.wait({stderr_task}, timeout=5.0)
-                last = stderr_lines[-1] if stderr_lines else "no error output"
-                raise HelperGone(f"{e}: {last}") from None
+        except HelperGone as e:
+            # It connected, then gave up (it logs why on stderr before exiting).
+            last = await spawned.last_stderr_line(wait=5.0)
+            spawned.abort()
+            raise HelperGone(f"{e}: {last}") from None
         except BaseException:
-            if conn is not None:
-                conn.close()
-            if process is not None and process.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    process.terminate()
-            if stderr_task is not None:
-                stderr_task.cancel()
+            spawned.abort()
             raise
-        finally:
-            listener.close()
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
 
     @classmethod
     async def from_socket(
@@ -246,24 +173,6 @@ class HelperClient:
             sock.close()
             raise
         return client
-
-    async def _receive_hello(self) -> Hello:
-        message, fds = await self._receive()
-        _close_fds(fds)
-        if not isinstance(message, Hello):
-            raise HelperError(f"the network helper said {type(message).__name__} instead of Hello")
-        if message.version != protocol.VERSION:
-            raise HelperError(
-                f"the network helper speaks protocol {message.version}, this daemon "
-                f"{protocol.VERSION}: run `sudo telepresence helper install` again, or "
-                "uninstall the old helper"
-            )
-        return message
-
-    @property
-    def helper_pid(self) -> int:
-        """The helper's own pid (not sudo's), as it reported it."""
-        return self._hello.pid
 
     # --- requests --------------------------------------------------------------
 
@@ -369,161 +278,6 @@ class HelperClient:
         finally:
             await self.close(timeout=timeout)
 
-    # --- lifecycle ---------------------------------------------------------------
-
-    async def close(self, *, timeout: float = 30.0) -> None:
-        """Closes the connection, which makes the helper undo everything and exit,
-        and waits up to ``timeout`` for it to exit.  Idempotent."""
-        if not self._closed:
-            self._closed = True
-            for task in self._exchanges:
-                task.cancel()  # a closed socket would never wake them
-            self._sock.close()
-            self._decoder.close()
-        process = self._process
-        if process is not None and process.returncode is None:
-            try:
-                await asyncio.wait_for(process.wait(), timeout)
-            except TimeoutError:
-                log.warning("network helper did not exit after %ss: terminating it", timeout)
-                with contextlib.suppress(ProcessLookupError):
-                    process.terminate()
-                await process.wait()
-        if self._stderr_task is not None:
-            await asyncio.wait({self._stderr_task}, timeout=1.0)
-
-    async def wait_exited(self) -> int | None:
-        """Returns once the helper has exited: with its (sudo's) exit status when started
-        here, None for one the CLI started (watched through a pidfd on the pid it
-        reported, as it is not our child)."""
-        if self._process is not None:
-            return await self._process.wait()
-        try:
-            pidfd = os.pidfd_open(self.helper_pid)
-        except ProcessLookupError:
-            return None
-        try:
-            await _readable(asyncio.get_running_loop(), pidfd)
-        finally:
-            os.close(pidfd)
-        return None
-
-    async def __aenter__(self) -> HelperClient:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
-
-    # --- the exchange ------------------------------------------------------------
-
-    async def _request(
-        self, request: Request, expected: type[_R], *, fds: int = 0
-    ) -> tuple[_R, list[int]]:
-        task = asyncio.create_task(self._exchange(request), name=f"helper-{type(request).__name__}")
-        self._exchanges.add(task)
-        task.add_done_callback(self._exchange_done)
-        try:
-            response, received = await asyncio.shield(task)
-        except asyncio.CancelledError:
-            task.add_done_callback(_close_orphaned_fds)
-            raise
-        if isinstance(response, Error):
-            _close_fds(received)
-            raise HelperError(response.message)
-        if not isinstance(response, expected) or len(received) != fds:
-            _close_fds(received)
-            raise HelperError(
-                f"the network helper answered {type(response).__name__} with {len(received)} "
-                f"descriptors to {type(request).__name__}"
-            )
-        return response, received
-
-    def _exchange_done(self, task: asyncio.Task[tuple[Response, list[int]]]) -> None:
-        self._exchanges.discard(task)
-
-    async def _exchange(self, request: Request) -> tuple[Response, list[int]]:
-        async with self._lock:
-            if self._closed:
-                raise HelperGone("the connection to the network helper is closed")
-            loop = asyncio.get_running_loop()
-            try:
-                frame = protocol.encode(request)
-            except ValueError as e:
-                raise HelperError(f"request not sent: {e}") from None
-            try:
-                await loop.sock_sendall(self._sock, frame)
-            except OSError as e:
-                raise HelperGone(f"the network helper is gone ({e})") from None
-            return await self._receive()
-
-    async def _receive(self) -> tuple[Response, list[int]]:
-        while True:
-            try:
-                item = self._decoder.next()
-            except protocol.ProtocolError as e:
-                raise HelperError(f"garbled answer from the network helper: {e}") from None
-            if item is not None:
-                message, fds = item
-                if isinstance(message, Request):
-                    _close_fds(fds)
-                    raise HelperError(
-                        f"the network helper sent a request ({type(message).__name__})"
-                    )
-                return message, fds
-            data, fds = await self._recvmsg()
-            if not data:
-                _close_fds(fds)
-                raise HelperGone(
-                    "the network helper closed the connection (it exited or was killed)"
-                )
-            self._decoder.feed(data, fds)
-
-    async def _recvmsg(self) -> tuple[bytes, list[int]]:
-        """``recvmsg`` on the non-blocking socket; asyncio has no awaitable form of it."""
-        loop = asyncio.get_running_loop()
-        while True:
-            try:
-                data, fds, truncated = fdpass.recv_with_fds(self._sock, max_fds=protocol.MAX_FDS)
-            except BlockingIOError:
-                await _readable(loop, self._sock)
-                continue
-            except OSError as e:
-                raise HelperGone(f"the network helper is gone ({e})") from None
-            if truncated:
-                _close_fds(fds)
-                raise HelperError("too many descriptors from the network helper")
-            return data, fds
-
-
-async def _readable(loop: asyncio.AbstractEventLoop, source: socket.socket | int) -> None:
-    """Returns once ``source`` (a socket, or a descriptor such as a pidfd) is readable."""
-    ready: asyncio.Future[None] = loop.create_future()
-    fd = source if isinstance(source, int) else source.fileno()
-
-    def wake() -> None:
-        if not ready.done():
-            ready.set_result(None)
-
-    loop.add_reader(fd, wake)
-    try:
-        await ready
-    finally:
-        loop.remove_reader(fd)
-
-
-_close_fds = fdpass.close_fds
-
-
-def _close_orphaned_fds(task: asyncio.Task[tuple[Response, list[int]]]) -> None:
-    """The caller was cancelled: nobody will take these descriptors."""
-    if not task.cancelled() and task.exception() is None:
-        _close_fds(task.result()[1])
-
 
 class HelperListener:
     """Where a helper that someone else started connects: `telepresence connect` runs
@@ -532,18 +286,13 @@ class HelperListener:
 
     def __init__(self, runtime_dir: Path) -> None:
         self.path = runtime_dir / HELPER_SOCKET
-        self._listener = _listen(self.path)
+        self._listener = listen(self.path)
 
     async def accept(self, *, timeout: float = 30.0) -> HelperClient:
         """The helper's client once it has connected and said Hello; raises
         :class:`HelperGone` when none came within ``timeout``."""
-        loop = asyncio.get_running_loop()
+        conn = await accept_root(self._listener, timeout=timeout)
         try:
-            conn, _addr = await asyncio.wait_for(loop.sock_accept(self._listener), timeout)
-        except TimeoutError:
-            raise HelperGone(f"the network helper did not connect within {timeout}s") from None
-        try:
-            _check_peer_is_root(conn)
             return await asyncio.wait_for(HelperClient.from_socket(conn), timeout)
         except BaseException:
             conn.close()
@@ -553,58 +302,3 @@ class HelperListener:
         self._listener.close()
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
-
-
-def _listen(path: Path) -> socket.socket:
-    """A listening socket at ``path``, in a directory only the user may enter: anyone who
-    could connect first would be talking to root's helper."""
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.setblocking(False)
-    with contextlib.suppress(FileNotFoundError):
-        path.unlink()
-    listener.bind(str(path))
-    listener.listen(1)
-    return listener
-
-
-def _check_peer_is_root(conn: socket.socket) -> None:
-    pid, uid, _gid = _UCRED.unpack(
-        conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
-    )
-    if uid != 0:
-        raise HelperError(f"the process that connected (pid {pid}, uid {uid}) is not root")
-
-
-async def _accept_or_exit(
-    loop: asyncio.AbstractEventLoop,
-    listener: socket.socket,
-    process: asyncio.subprocess.Process,
-    *,
-    timeout: float,
-) -> socket.socket | None:
-    """The helper's connection, or None when the process exits first."""
-    accept = asyncio.ensure_future(loop.sock_accept(listener))
-    exited = asyncio.ensure_future(process.wait())
-    try:
-        done, _ = await asyncio.wait(
-            {accept, exited}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
-        )
-        if accept in done:
-            conn, _addr = accept.result()
-            return conn
-        if exited in done:
-            return None
-        raise HelperGone(f"the network helper did not connect within {timeout}s")
-    finally:
-        for task in (accept, exited):
-            task.cancel()
-        await asyncio.gather(accept, exited, return_exceptions=True)
-
-
-async def _relay_stderr(stream: asyncio.StreamReader, last: deque[str]) -> None:
-    """The helper logs to its own file; what it writes on stderr is worth the daemon's log."""
-    while line := await stream.readline():
-        text = line.decode(errors="replace").rstrip()
-        if text:
-            last.append(text)
-            log.warning("%s", text)

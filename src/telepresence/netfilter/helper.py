@@ -14,8 +14,9 @@ journals of dead helpers recorded; ``telepresence quit`` runs it.
 Like sshuttle's firewall helper, it is small, synchronous and single
 threaded: one request at a time, each either applied fully or rolled back.
 This module is the entry point and the connection; what a request may do is
-:mod:`.policy`, applying it :mod:`.state`.  It imports nothing of the daemon,
-Kubernetes, aiohttp or dnspython (a unit test checks): root runs only this.
+:mod:`.policy` and :mod:`.dnspolicy`, applying it :mod:`.state`.  It imports
+nothing of the daemon, Kubernetes, aiohttp or dnspython (a unit test checks):
+root runs only this, msgspec and jeepney.
 See docs/security.md.
 """
 

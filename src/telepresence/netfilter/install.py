@@ -36,9 +36,10 @@ LAUNCHER = INSTALL_DIR / "bin" / "telepresence-helper"
 #: sudo skips files of sudoers.d whose names contain a dot, so none here.
 SUDOERS_RULE = Path("/etc/sudoers.d/telepresence-helper")
 #: What the helper imports beyond the standard library (a unit test compares this with
-#: the modules a helper really loads): its own package's netfilter part and msgspec.
+#: the modules a helper really loads): its own package's netfilter part, msgspec (and
+#: typing_extensions, which msgspec imports), and jeepney (systemd-resolved over D-Bus).
 TELEPRESENCE_PARTS = ("__init__.py", "netfilter")
-DEPENDENCIES = ("msgspec", "typing_extensions")
+DEPENDENCIES = ("msgspec", "typing_extensions", "jeepney")
 
 _LAUNCHER = """#!{python} -IS
 # Written by `telepresence helper install`; runs the root-owned copy only.

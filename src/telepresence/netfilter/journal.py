@@ -34,6 +34,7 @@ __all__ = [
     "JournalFile",
     "LinkEntry",
     "NftTableEntry",
+    "ResolvedLinkEntry",
     "RouteEntry",
     "SweepReport",
     "current_identity",
@@ -76,7 +77,16 @@ class NftTableEntry(msgspec.Struct, frozen=True, tag="nft-table"):
     family: str = "ip"
 
 
-Entry = LinkEntry | RouteEntry | NftTableEntry
+class ResolvedLinkEntry(msgspec.Struct, frozen=True, tag="resolved-link"):
+    """systemd-resolved's DNS settings of our TUN (DNS mode "resolved"), recorded before
+    the first is made.  Undone with ``RevertLink``, and only while the link with that
+    name and index exists: resolved forgets a link's settings when the link goes."""
+
+    name: str
+    ifindex: int
+
+
+Entry = LinkEntry | RouteEntry | NftTableEntry | ResolvedLinkEntry
 
 
 def describe(entry: Entry) -> str:
@@ -85,6 +95,8 @@ def describe(entry: Entry) -> str:
         return f"TUN device {entry.name}"
     if isinstance(entry, RouteEntry):
         return f"route {entry.network} dev {entry.device}"
+    if isinstance(entry, ResolvedLinkEntry):
+        return f"systemd-resolved DNS settings of {entry.name}"
     return f"nftables table {entry.family} {entry.name}"
 
 
@@ -142,14 +154,13 @@ def is_alive(owner: Identity) -> bool:
 
 
 def undo_order(entries: Iterable[Entry]) -> list[Entry]:
-    """The order to undo in: nftables first (it holds the DNS redirect, and
-    the laptop's DNS must work again at once), then routes, then links;
-    newest first within each kind."""
+    """The order to undo in: DNS first, so the laptop's lookups work again at once:
+    resolved's settings of the link, then nftables (it holds the DNS redirect); then
+    routes, then links; newest first within each kind."""
+    ranks = {ResolvedLinkEntry: 0, NftTableEntry: 1, RouteEntry: 2, LinkEntry: 3}
 
     def rank(entry: Entry) -> int:
-        if isinstance(entry, NftTableEntry):
-            return 0
-        return 1 if isinstance(entry, RouteEntry) else 2
+        return ranks[type(entry)]
 
     return sorted(reversed(list(entries)), key=rank)
 

@@ -16,7 +16,9 @@ Layout (family ``ip``; the helper handles IPv4 only)::
     set dns_servers the laptop's nameservers; always present (maybe empty), so a
                    resolv.conf change is one set flush + add (render_nameservers)
     chain dns      nat/output -100: mark -> return; udp+tcp :53 to dns_servers
-                   -> redirect to the daemon's DNS server
+                   -> redirect to the daemon's DNS server; in DNS mode "resolved"
+                   also tcp :53 to the link's DNS address (resolved's TCP
+                   fallback; its UDP goes to the TUN, where the daemon answers)
     chain proxy    nat/output -100: mark -> return; tcp to @routed/@hosts
                    -> redirect to the daemon's transparent proxy
 
@@ -69,7 +71,9 @@ def validate_table_name(name: str) -> str:
 
 @dataclass(frozen=True, kw_only=True)
 class TableConfig:
-    """What the table redirects where.  ``mark`` exempts the daemon's upstream sockets."""
+    """What the table redirects where.  ``mark`` exempts the daemon's upstream sockets;
+    ``link_dns``: the address systemd-resolved sends the TUN link's names to (DNS mode
+    "resolved"), whose TCP port 53 goes to the daemon's DNS server."""
 
     name: str
     mark: int
@@ -78,6 +82,7 @@ class TableConfig:
     dns_servers: Sequence[IPv4Address]
     routed: Sequence[IPv4Network]
     hosts: Sequence[IPv4Address] = ()
+    link_dns: IPv4Address | None = None
 
 
 def _elements(items: Iterable[IPv4Network | IPv4Address]) -> str:
@@ -119,8 +124,10 @@ def render_create(config: TableConfig) -> str:
         f"\t\t{mark}",
         f"\t\tip daddr @{DNS_SET} udp dport 53 redirect to :{config.dns_port}",
         f"\t\tip daddr @{DNS_SET} tcp dport 53 redirect to :{config.dns_port}",
-        "\t}",
     ]
+    if config.link_dns is not None:
+        lines.append(f"\t\tip daddr {config.link_dns} tcp dport 53 redirect to :{config.dns_port}")
+    lines.append("\t}")
     lines += [
         "\tchain proxy {",
         f"\t\ttype nat hook output priority {PRIORITY}; policy accept;",
@@ -168,9 +175,12 @@ def render_nameservers(*, table: str, nameservers: Sequence[IPv4Address]) -> str
 
 def render_dns_redirects(config: TableConfig) -> list[str]:
     """Human-readable redirect targets, for status."""
-    return [
+    lines = [
         f"{server}:53 -> 127.0.0.1:{config.dns_port} (udp+tcp)" for server in config.dns_servers
     ]
+    if config.link_dns is not None:
+        lines.append(f"{config.link_dns}:53 -> 127.0.0.1:{config.dns_port} (tcp)")
+    return lines
 
 
 class Nft:

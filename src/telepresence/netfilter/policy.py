@@ -3,12 +3,13 @@
 The helper runs as root for an unprivileged caller, so the caller only asks
 and this module decides.  Names, addresses and the socket mark are the
 helper's, not the request's; the nameservers to redirect come from the
-laptop's resolv.conf, not from the request; a subnet is refused when it
-would capture the laptop's own way out (default route, default gateway),
-addresses that never leave the machine or a link (loopback, link-local,
-multicast, reserved), or the API server the tunnel runs over.  Fields of a
-request can only narrow what is routed (``never_proxy``, ``api_server_ips``)
-or accept an overlap the user named (``allow_conflicting_subnets``).
+laptop's resolv.conf, not from the request (the DNS choices are :mod:`.dnspolicy`);
+a subnet is refused when it would capture the laptop's own way out (default
+route, default gateway), addresses that never leave the machine or a link
+(loopback, link-local, multicast, reserved), or the API server the tunnel runs
+over.  Fields of a request can only narrow what is routed (``never_proxy``,
+``api_server_ips``) or accept an overlap the user named
+(``allow_conflicting_subnets``).
 
 Pure functions and values: the helper reads the laptop's routes, rules and
 resolv.conf, and passes them in.  Every refusal is a :class:`Refused` with one
@@ -33,6 +34,7 @@ from telepresence.netfilter.subnets import (
 )
 
 __all__ = [
+    "LINK_DNS_ADDRESS",
     "MARK",
     "MIN_PREFIX",
     "NFT_TABLE",
@@ -40,12 +42,10 @@ __all__ = [
     "RESERVED",
     "TUN_ADDRESS",
     "TUN_NAME",
-    "NameserverChoice",
     "Plan",
     "Refused",
     "check_mark_unused",
     "check_routable",
-    "choose_nameservers",
     "host_refusal",
     "plan_setup",
 ]
@@ -54,6 +54,11 @@ __all__ = [
 TUN_NAME = "tel0"
 #: From 198.18.0.0/15 (RFC 2544, benchmarking): never on the internet or a LAN.
 TUN_ADDRESS = IPv4Address("198.18.255.254")
+#: The daemon's DNS server as systemd-resolved sees it (DNS mode "resolved"): routed /32
+#: to the TUN, where the daemon answers UDP (resolved accepts an answer only on the link
+#: it asked on, so not a loopback address); TCP to it is redirected to the daemon's TCP
+#: server.  Next to the TUN's address, in the same benchmarking range.
+LINK_DNS_ADDRESS = IPv4Address("198.18.255.253")
 NFT_TABLE = "telepresence"
 #: The mark on upstream DNS sockets, which the table's chains let pass.  Fixed so
 #: that a caller cannot choose a mark that a VPN's policy routing exempts (such as
@@ -231,6 +236,8 @@ def host_refusal(
     or None.  Skipped rather than refused: one bad answer must not fail the others."""
     if not isinstance(ip, IPv4Address):
         return f"{ip}: IPv6 is not routed by the network helper yet"
+    if ip in (TUN_ADDRESS, LINK_DNS_ADDRESS):
+        return f"{ip}: the network helper's own address"
     net = IPv4Network(ip)
     try:
         plan.check_subnets([net], gateways=gateways)
@@ -242,45 +249,18 @@ def host_refusal(
     return None
 
 
-@dataclass(frozen=True, kw_only=True)
-class NameserverChoice:
-    """What to redirect after a re-read of resolv.conf.  ``kept``: why the previous
-    list stayed (empty when the file's list was taken)."""
-
-    nameservers: list[IPv4Address]
-    kept: str = ""
-
-    def changed_from(self, current: Sequence[IPv4Address]) -> bool:
-        return list(self.nameservers) != list(current)
-
-
-def choose_nameservers(
-    *, current: Sequence[IPv4Address], read: Sequence[IPv4Address]
-) -> NameserverChoice:
-    """The nameservers to redirect, given those redirected now and those just read.
-
-    A file with no usable (IPv4) nameserver keeps the current list: while the
-    network changes, NetworkManager may write an empty or IPv6-only file for a
-    moment, and dropping the redirect then would send the laptop's lookups past
-    the daemon (cluster names stop resolving) for no gain.  Before any good list
-    (``current`` empty) there is nothing to keep.
-    """
-    if read or not current:
-        return NameserverChoice(nameservers=list(read))
-    return NameserverChoice(
-        nameservers=list(current),
-        kept="resolv.conf lists no IPv4 nameserver; still redirecting "
-        + ", ".join(map(str, current)),
-    )
-
-
 def plan_setup(
-    request: Setup, *, network: LaptopNetwork, nameservers: Sequence[IPv4Address]
+    request: Setup,
+    *,
+    network: LaptopNetwork,
+    nameservers: Sequence[IPv4Address],
+    link_dns: IPv4Address | None = None,
 ) -> Plan:
     """Checks a Setup against the laptop as it is now, without changing anything.
 
     ``network`` and ``nameservers`` are what the helper itself read from the
-    kernel and resolv.conf, never what the request says.
+    kernel and resolv.conf, never what the request says; ``link_dns`` is
+    :data:`LINK_DNS_ADDRESS` in DNS mode "resolved" (then ``nameservers`` is empty).
     """
     requested: list[IPv4Network] = []
     for net in _parse_networks(request.subnets, what="subnets"):
@@ -308,6 +288,7 @@ def plan_setup(
         dns_port=_port(request.dns_redirect_port, what="DNS redirect port"),
         dns_servers=list(nameservers),
         routed=[],
+        link_dns=link_dns,
     )
     plan = Plan(
         requested=requested,

@@ -67,7 +67,10 @@ __all__ = [
 #: Bumped on any change an older peer could misread; checked from :class:`Hello`.
 #: 3: :class:`RefreshNameservers` (an older helper would refuse it mid-session;
 #: the bump makes a mismatched pair fail at connect with one line instead).
-VERSION = 3
+#: 4: the "resolved" DNS mode and :class:`SetLinkDomains` (an older daemon would take
+#: a resolved-mode Setup for a redirect with no nameserver: cluster names would
+#: silently not resolve).
+VERSION = 4
 #: Responses (a status with thousands of host routes) stay far below this.
 MAX_FRAME = 4 * 1024 * 1024
 #: Requests are a few kilobytes even with hundreds of subnets; a larger one means

@@ -4,8 +4,9 @@ The one resolv.conf parser of the laptop side: the root helper uses it to
 decide which nameservers to redirect (it never takes them from its caller,
 or a caller could hijack any address's port 53), and the user daemon uses it
 for the upstream it forwards to and the laptop's own search domains, so both
-always agree on what "the laptop's nameserver" is.  Pure, apart from
-:func:`read_resolv_conf`.
+always agree on what "the laptop's nameserver" is.  Also the ``hosts:`` line
+of nsswitch.conf, which says whether glibc asks DNS or systemd-resolved at all.
+Pure, apart from :func:`read_resolv_conf` and :func:`read_hosts_sources`.
 """
 
 from __future__ import annotations
@@ -20,12 +21,16 @@ __all__ = [
     "DEFAULT_ATTEMPTS",
     "DEFAULT_TIMEOUT",
     "MAXNS",
+    "NSSWITCH_CONF",
     "RESOLV_CONF",
     "ResolvConf",
+    "hosts_sources",
+    "read_hosts_sources",
     "read_resolv_conf",
 ]
 
 RESOLV_CONF = Path("/etc/resolv.conf")
+NSSWITCH_CONF = Path("/etc/nsswitch.conf")
 #: glibc's MAXNS: nameserver lines after the third are ignored by the resolver,
 #: so redirecting them would hijack an address nobody on the laptop queries.
 MAXNS = 3
@@ -100,12 +105,35 @@ def _option(args: list[str], prefix: str, current: int, *, low: int, high: int) 
     return current
 
 
-def read_resolv_conf(path: Path = RESOLV_CONF) -> ResolvConf:
-    """The parsed file; a missing or unreadable file is an empty configuration
-    (no nameserver to redirect), not an error."""
+def _read(path: Path) -> str | None:
     try:
         with path.open("rb") as f:
             data = f.read(_MAX_SIZE)
     except OSError:
-        return ResolvConf()
-    return ResolvConf.parse(data.decode("utf-8", errors="replace"))
+        return None
+    return data.decode("utf-8", errors="replace")
+
+
+def read_resolv_conf(path: Path = RESOLV_CONF) -> ResolvConf:
+    """The parsed file; a missing or unreadable file is an empty configuration
+    (no nameserver to redirect), not an error."""
+    text = _read(path)
+    return ResolvConf() if text is None else ResolvConf.parse(text)
+
+
+def hosts_sources(text: str) -> list[str]:
+    """The words after ``hosts:`` in nsswitch.conf(5) text: sources (``files``,
+    ``resolve``, ``dns``, ``mdns4_minimal``) and actions (``[NOTFOUND=return]``), in
+    order; empty without such a line."""
+    for line in text.splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line.startswith("hosts:"):
+            return line.split(":", 1)[1].split()
+    return []
+
+
+def read_hosts_sources(path: Path = NSSWITCH_CONF) -> list[str]:
+    """:func:`hosts_sources` of the file; a missing or unreadable file has none (glibc
+    then uses its built-in default, which does not name ``resolve``)."""
+    text = _read(path)
+    return [] if text is None else hosts_sources(text)

@@ -4,7 +4,9 @@ Every change is written to the journal before it is made and undone by
 :meth:`NetworkState.teardown`, each undo in its own try.  Every request is
 checked completely (:mod:`.policy`, against the laptop as it is now) before
 the first change, so a refused request changes nothing; a request that fails
-midway is rolled back.
+midway is rolled back.  Routes and the nft sets that follow them are
+:mod:`.routestate`; DNS (the redirect, or systemd-resolved's settings of the TUN)
+is :mod:`.dnsstate`.
 """
 
 from __future__ import annotations
@@ -15,30 +17,31 @@ import logging
 import os
 import socket
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv4Network, ip_address
+from ipaddress import IPv4Network, ip_address
 from pathlib import Path
 
 from telepresence.netfilter import nftables, policy, routes, tun
+from telepresence.netfilter.dnsstate import DnsApplied, HelperDns, undo_resolved_link
 from telepresence.netfilter.journal import (
     Entry,
     Journal,
     LinkEntry,
     NftTableEntry,
+    ResolvedLinkEntry,
     RouteEntry,
 )
 from telepresence.netfilter.nftables import Nft, NftError, TableConfig
-from telepresence.netfilter.policy import Plan, Refused
+from telepresence.netfilter.policy import Refused
 from telepresence.netfilter.protocol import (
     AddHostRoutes,
     Error,
     HostRoutesDone,
-    NameserversDone,
     Ok,
     RefreshNameservers,
     RemoveHostRoutes,
     Request,
     Response,
+    SetLinkDomains,
     Setup,
     SetupDone,
     SocketReady,
@@ -49,7 +52,9 @@ from telepresence.netfilter.protocol import (
     UpdateSubnets,
     UpstreamSocket,
 )
-from telepresence.netfilter.resolvconf import RESOLV_CONF, read_resolv_conf
+from telepresence.netfilter.resolvconf import NSSWITCH_CONF, RESOLV_CONF
+from telepresence.netfilter.resolved import Resolved, ResolvedError, ResolvedLinks
+from telepresence.netfilter.routestate import Applied, HelperRoutes
 from telepresence.netfilter.subnets import IPAddress, parse_cidr_list
 
 __all__ = ["LOG_FILE", "NetworkState", "undo_entry"]
@@ -78,37 +83,35 @@ def _addresses(items: Sequence[str]) -> list[IPAddress]:
         raise Refused(f"invalid host address: {e}") from None
 
 
-@dataclass
-class _Applied:
-    """What exists now, so teardown knows what to undo without asking the kernel."""
-
-    plan: Plan
-    tun: tun.Tun | None = None
-    link: LinkEntry | None = None
-    table: NftTableEntry | None = None
-    subnets: list[IPv4Network] = field(default_factory=list)
-    hosts: set[IPv4Address] = field(default_factory=set)
-    routes: dict[IPv4Network, RouteEntry] = field(default_factory=dict)
-    #: Redirected now; starts as the plan's, follows resolv.conf on RefreshNameservers.
-    nameservers: list[IPv4Address] = field(default_factory=list)
-
-    def desired_routes(self) -> set[IPv4Network]:
-        return set(self.subnets) | {IPv4Network(h) for h in self.hosts}
-
-
 class NetworkState:
     """Applies requests, one at a time; every change is journaled first and
     undone by :meth:`teardown`, each undo in its own try.
 
     ``resolv_conf`` is where the nameservers to redirect are read, at Setup and
-    on every RefreshNameservers.
+    on every RefreshNameservers; ``nsswitch_conf`` and ``resolved`` (systemd-resolved on
+    the system bus) decide the DNS mode at Setup (:mod:`.dnsstate`).
     """
 
-    def __init__(self, *, nft: Nft, journal: Journal, resolv_conf: Path = RESOLV_CONF) -> None:
+    def __init__(
+        self,
+        *,
+        nft: Nft,
+        journal: Journal,
+        resolv_conf: Path = RESOLV_CONF,
+        nsswitch_conf: Path = NSSWITCH_CONF,
+        resolved: ResolvedLinks | None = None,
+    ) -> None:
         self._nft = nft
         self._journal = journal
-        self._resolv_conf = resolv_conf
-        self._applied: _Applied | None = None
+        self._routes = HelperRoutes(nft=nft, journal=journal)
+        self._dns = HelperDns(
+            nft=nft,
+            journal=journal,
+            resolved=resolved if resolved is not None else Resolved(),
+            resolv_conf=resolv_conf,
+            nsswitch_conf=nsswitch_conf,
+        )
+        self._applied: Applied | None = None
 
     def handle(self, request: Request) -> tuple[Response, list[int]]:
         """The response and descriptors to send; the caller closes the descriptors after."""
@@ -120,7 +123,7 @@ class NetworkState:
     def _answer(self, request: Request) -> tuple[Response, list[int]]:
         try:
             return self._dispatch(request)
-        except (Refused, ValueError, NftError, routes.IpError, tun.TunError) as e:
+        except (Refused, ValueError, NftError, routes.IpError, tun.TunError, ResolvedError) as e:
             log.warning("%s failed: %s", type(request).__name__, e)
             return Error(message=str(e)), []
         except OSError as e:
@@ -150,16 +153,18 @@ class NetworkState:
             nets = applied.plan.routed(requested)
             new = set(nets) - set(applied.subnets)
             applied.plan.check_conflicts(sorted(new), network.routes)
-            self._reconcile(applied, subnets=nets, hosts=applied.hosts)
+            self._routes.reconcile(applied, subnets=nets, hosts=applied.hosts)
             return SubnetsDone(routed=[str(n) for n in applied.subnets]), []
         if isinstance(request, AddHostRoutes):
-            return self._add_hosts(applied, _addresses(request.ips)), []
+            return self._routes.add_hosts(applied, _addresses(request.ips)), []
         if isinstance(request, RemoveHostRoutes):
             gone = set(_addresses(request.ips))
-            self._reconcile(applied, subnets=applied.subnets, hosts=applied.hosts - gone)
+            self._routes.reconcile(applied, subnets=applied.subnets, hosts=applied.hosts - gone)
             return HostRoutesDone(hosts=[str(h) for h in sorted(applied.hosts)]), []
         if isinstance(request, RefreshNameservers):
-            return self._refresh_nameservers(applied), []
+            return self._dns.refresh(applied.dns, table=applied.plan.table.name), []
+        if isinstance(request, SetLinkDomains):
+            return self._dns.set_domains(applied.dns, request), []
         if isinstance(request, UpstreamSocket):
             fd = upstream_socket(kind=request.kind, family=request.family)
             return SocketReady(kind=request.kind, family=request.family), [fd]
@@ -170,8 +175,11 @@ class NetworkState:
     def _setup(self, request: Setup) -> tuple[Response, list[int]]:
         if self._applied is not None:
             raise Refused("already set up: send Teardown first, or UpdateSubnets")
-        nameservers = read_resolv_conf(self._resolv_conf).ipv4_nameservers()
-        plan = policy.plan_setup(request, network=routes.laptop_network(), nameservers=nameservers)
+        mode, nameservers = self._dns.choose()
+        link_dns = policy.LINK_DNS_ADDRESS if mode == "resolved" else None
+        plan = policy.plan_setup(
+            request, network=routes.laptop_network(), nameservers=nameservers, link_dns=link_dns
+        )
         existing = routes.get_link(plan.tun_name)
         if existing is not None and existing.kind == "tun":
             raise Refused(
@@ -184,13 +192,19 @@ class NetworkState:
                 f"{existing.kind or 'network'} device of that name; rename or remove it"
             )
         subnets = plan.routed(plan.requested)
-        applied = _Applied(plan=plan, nameservers=list(plan.table.dns_servers))
+        dns = DnsApplied(mode=mode, nameservers=list(plan.table.dns_servers))
+        applied = Applied(plan=plan, dns=dns)
+        if link_dns is not None:
+            applied.fixed.add(IPv4Network(link_dns))
         self._applied = applied
         try:
             self._create_tun(applied)
-            self._add_routes(applied, sorted(set(subnets)))
+            self._routes.add(applied, sorted(set(subnets) | applied.fixed))
             applied.subnets = subnets
             self._create_table(applied)
+            if link_dns is not None:
+                assert applied.link is not None
+                self._dns.configure_link(dns, link=applied.link, address=link_dns)
         except BaseException:
             failures = self.teardown()
             if failures:
@@ -198,21 +212,24 @@ class NetworkState:
             raise
         assert applied.tun is not None
         log.info(
-            "set up %s %s, routes %s, table %s",
+            "set up %s %s, routes %s, table %s, DNS mode %s",
             plan.tun_name,
             plan.tun_address,
             ", ".join(map(str, subnets)) or "none",
             plan.table.name,
+            mode,
         )
         done = SetupDone(
             tun_name=plan.tun_name,
             routed=[str(n) for n in subnets],
             nameservers=[str(n) for n in plan.table.dns_servers],
             mark=plan.table.mark,
+            dns_mode=mode,
+            dns_address=str(link_dns) if link_dns is not None else "",
         )
         return done, [os.dup(applied.tun.fd)]
 
-    def _create_tun(self, applied: _Applied) -> None:
+    def _create_tun(self, applied: Applied) -> None:
         plan = applied.plan
         applied.tun = tun.open_tun(plan.tun_name)
         link = routes.get_link(applied.tun.name)
@@ -222,7 +239,7 @@ class NetworkState:
         self._journal.record(applied.link)
         routes.configure_tun(device=link.name, address=plan.tun_address)
 
-    def _create_table(self, applied: _Applied) -> None:
+    def _create_table(self, applied: Applied) -> None:
         plan = applied.plan
         config = TableConfig(
             name=plan.table.name,
@@ -231,6 +248,7 @@ class NetworkState:
             dns_port=plan.table.dns_port,
             dns_servers=plan.table.dns_servers,
             routed=applied.subnets,
+            link_dns=plan.table.link_dns,
         )
         entry = NftTableEntry(name=config.name)
         self._journal.record(entry)
@@ -246,129 +264,6 @@ class NetworkState:
                 ) from None
             raise
         applied.table = entry
-
-    # Nameservers ---------------------------------------------------------------
-
-    def _refresh_nameservers(self, applied: _Applied) -> NameserversDone:
-        """Moves the DNS redirect to the nameservers resolv.conf lists now.
-
-        One nft transaction (flush and refill of the set), so at no moment is
-        an old server still hooked next to a new one or none hooked at all.
-        The journal needs no new entry: the set lives in the table it already
-        records, and deleting the table (teardown, ``--cleanup``, or the kernel
-        when the helper dies) removes whatever the set holds.
-        """
-        read = read_resolv_conf(self._resolv_conf).ipv4_nameservers()
-        choice = policy.choose_nameservers(current=applied.nameservers, read=read)
-        if choice.kept:
-            log.warning("%s", choice.kept)
-        changed = choice.changed_from(applied.nameservers)
-        if changed:
-            self._nft.run(
-                nftables.render_nameservers(
-                    table=applied.plan.table.name, nameservers=choice.nameservers
-                )
-            )
-            log.info(
-                "DNS redirect moved from %s to %s",
-                ", ".join(map(str, applied.nameservers)) or "none",
-                ", ".join(map(str, choice.nameservers)) or "none",
-            )
-            applied.nameservers = list(choice.nameservers)
-        return NameserversDone(
-            nameservers=[str(n) for n in applied.nameservers], changed=changed, kept=choice.kept
-        )
-
-    # Routes and sets -----------------------------------------------------------
-
-    def _add_routes(self, applied: _Applied, nets: Sequence[IPv4Network]) -> None:
-        """Journal, then add; on failure remove what this call added, then raise."""
-        assert applied.link is not None
-        new = [n for n in nets if n not in applied.routes]
-        if not new:
-            return
-        link = applied.link
-        entries = {
-            n: RouteEntry(network=str(n), device=link.name, ifindex=link.ifindex) for n in new
-        }
-        self._journal.record(*entries.values())
-        applied.routes.update(entries)
-        try:
-            routes.add_routes(device=link.name, networks=new, source=applied.plan.tun_address)
-        except routes.IpError:
-            self._undo_routes(applied, new)
-            raise
-
-    def _undo_routes(self, applied: _Applied, nets: Sequence[IPv4Network]) -> None:
-        """Rollback on an error path: log its own failure, never mask the first one."""
-        try:
-            self._delete_routes(applied, nets)
-        except Exception as e:
-            log.error("could not roll back routes %s: %s", ", ".join(map(str, nets)), e)
-
-    def _delete_routes(self, applied: _Applied, nets: Sequence[IPv4Network]) -> None:
-        assert applied.link is not None
-        routes.delete_routes(device=applied.link.name, ifindex=applied.link.ifindex, networks=nets)
-        self._journal.forget(*(applied.routes.pop(n) for n in nets if n in applied.routes))
-
-    def _reconcile(
-        self, applied: _Applied, *, subnets: list[IPv4Network], hosts: set[IPv4Address]
-    ) -> None:
-        """Moves routes and sets to ``subnets`` + ``hosts``, touching only the difference.
-
-        New routes first, then one nft transaction for both sets, then the
-        removal of old routes: at no point is an address in a set but not
-        routed, and a failure before the nft step leaves the old state.
-        """
-        plan = applied.plan
-        before = applied.desired_routes()
-        after = set(subnets) | {IPv4Network(h) for h in hosts}
-        added = sorted(after - before)
-        self._add_routes(applied, added)
-        commands = nftables.render_set_update(
-            table=plan.table.name,
-            set_name=nftables.ROUTED_SET,
-            add=sorted(set(subnets) - set(applied.subnets)),
-            remove=sorted(set(applied.subnets) - set(subnets)),
-        ) + nftables.render_set_update(
-            table=plan.table.name,
-            set_name=nftables.HOSTS_SET,
-            add=sorted(hosts - applied.hosts),
-            remove=sorted(applied.hosts - hosts),
-        )
-        if commands:
-            try:
-                self._nft.run(commands)
-            except NftError:
-                self._undo_routes(applied, added)
-                raise
-        applied.subnets = list(subnets)
-        applied.hosts = set(hosts)
-        self._delete_routes(applied, sorted(before - after))
-        log.info(
-            "routes now %s; hosts %s",
-            ", ".join(map(str, applied.subnets)) or "none",
-            ", ".join(map(str, sorted(applied.hosts))) or "none",
-        )
-
-    def _add_hosts(self, applied: _Applied, ips: list[IPAddress]) -> HostRoutesDone:
-        """Routes each address that may be routed; the rest are skipped with a reason
-        (a DNS answer must never break the session or hijack the laptop's network)."""
-        skipped: list[str] = []
-        allowed: list[IPv4Address] = []
-        network = routes.laptop_network()
-        for ip in dict.fromkeys(ips):
-            reason = policy.host_refusal(
-                ip, applied.plan, gateways=network.gateways, existing=network.routes
-            )
-            if reason is not None:
-                skipped.append(reason)
-            elif isinstance(ip, IPv4Address):
-                allowed.append(ip)
-        self._reconcile(applied, subnets=applied.subnets, hosts=applied.hosts | set(allowed))
-        for reason in skipped:
-            log.info("host route skipped: %s", reason)
-        return HostRoutesDone(hosts=[str(h) for h in sorted(applied.hosts)], skipped=skipped)
 
     # Sockets and status ------------------------------------------------------
 
@@ -392,24 +287,29 @@ class NetworkState:
             nft_table=plan.table.name,
             nft_table_present=self._nft.table_exists(plan.table.name),
             dns_redirects=nftables.render_dns_redirects(
-                dataclasses.replace(plan.table, dns_servers=applied.nameservers)
+                dataclasses.replace(plan.table, dns_servers=applied.dns.nameservers)
             ),
             proxy_port=plan.table.proxy_port,
             mark=plan.table.mark,
+            dns_mode=applied.dns.mode,
+            dns_address=str(plan.table.link_dns or ""),
+            link_domains=self._dns.status_domains(applied.dns),
         )
 
     # Teardown --------------------------------------------------------------------
 
     def teardown(self) -> list[str]:
-        """Undoes everything, DNS redirect first; returns what could not be undone.
+        """Undoes everything, DNS first; returns what could not be undone.
 
-        Deleting the table removes the DNS redirect and the proxy redirect in
-        one atomic step, so the laptop resolves through its own nameserver
-        again before anything slower happens.  Idempotent.
+        resolved's settings of the link go first, then the table: deleting it
+        removes the DNS redirect and the proxy redirect in one atomic step, so
+        the laptop resolves through its own nameserver again before anything
+        slower happens.  Idempotent.
         """
         applied, self._applied = self._applied, None
         if applied is None:
             return []
+        resolved_failure = self._dns.revert(applied.dns)
         failures: list[str] = []
         if applied.table is not None:
             try:
@@ -419,14 +319,18 @@ class NetworkState:
                 failures.append(f"nftables table {applied.table.name}: {e}")
         if applied.link is not None:
             try:
-                self._delete_routes(applied, sorted(applied.routes))
+                self._routes.delete(applied, sorted(applied.routes))
             except Exception as e:
                 failures.append(f"routes on {applied.link.name}: {e}")
             try:
                 routes.delete_link(name=applied.link.name, ifindex=applied.link.ifindex)
                 self._journal.forget(applied.link, *applied.routes.values())
+                self._dns.link_deleted(applied.dns, resolved_failure)
+                resolved_failure = None
             except Exception as e:
                 failures.append(f"link {applied.link.name}: {e}")
+        if resolved_failure is not None:
+            failures.insert(0, resolved_failure)
         if applied.tun is not None:
             with contextlib.suppress(OSError):
                 os.close(applied.tun.fd)
@@ -473,8 +377,10 @@ def upstream_socket(*, kind: str, family: int, mark: int = policy.MARK) -> int:
         sock.close()
 
 
-def undo_entry(nft: Nft, entry: Entry) -> bool:
+def undo_entry(nft: Nft, entry: Entry, *, resolved: ResolvedLinks | None = None) -> bool:
     """Undoes one journal entry of a dead helper; False if it was gone already."""
+    if isinstance(entry, ResolvedLinkEntry):
+        return undo_resolved_link(entry, resolved if resolved is not None else Resolved())
     if isinstance(entry, NftTableEntry):
         return _delete_table(nft, entry)
     if isinstance(entry, RouteEntry):
