@@ -93,10 +93,10 @@ def test_cluster_names_resolve_every_way_and_quit_restores_everything(
     dns = status["root_daemon"]["dns"]
     text = cluster.laptop("telepresence", "status").stdout
     if flavour == "plain":
-        assert dns["mechanism"] == "redirect"
+        assert dns["mode"] == "redirect"
         assert dns["nameservers"] == [LAPTOP_RESOLVER]
     else:
-        assert dns["mechanism"] == "resolved"
+        assert dns["mode"] == "resolved"
         assert "systemd-resolved" in text
         link = cluster.laptop("resolvectl", "status", "tel0").stdout
         assert "~cluster.local" in link and "~default" in link, link

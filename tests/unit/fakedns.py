@@ -15,7 +15,8 @@ import dns.rcode
 import dns.rdatatype
 import dns.rrset
 
-from telepresence.daemon.dns import DnsServer, DnsSettings
+from telepresence.daemon.dns import DnsSettings
+from telepresence.daemon.dnsserver import DnsServer
 
 NAME = "www.example.test."
 #: Short per-server wait, so the tests are quick; the default is 1 s.

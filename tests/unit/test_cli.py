@@ -130,6 +130,82 @@ def test_status_text_not_running_and_connected() -> None:
     assert "- 10.96.0.0/16" in text
 
 
+def _dns_lines(dns: dict[str, object]) -> list[str]:
+    """The lines under "DNS" in the root daemon's part of `status`."""
+    text = render.status_text(
+        {
+            "root_daemon": {"running": True, "version": "0.1.0", "subnets": [], "dns": dns},
+            "user_daemon": {"running": False},
+        }
+    )
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.strip().startswith("DNS"))
+    end = next(i for i, line in enumerate(lines) if line.strip().startswith("Routed subnets"))
+    return [line.strip() for line in lines[start + 1 : end]]
+
+
+def test_status_text_of_the_redirect_mode_is_as_before() -> None:
+    dns = {
+        "mode": "redirect",
+        "hook": "nftables redirect of the laptop's nameservers (no file edited)",
+        "local_address": "127.0.0.1:5353",
+        "nameservers": ["192.0.2.53", "192.0.2.54"],
+        "upstreams": ["192.0.2.53", "192.0.2.54"],
+        "cluster_names": "*.cluster.local, <svc>.<namespace> for mapped namespaces",
+    }
+    expected = [
+        "Hooked in by : nftables redirect of the laptop's nameservers (no file edited)",
+        "Local server : 127.0.0.1:5353",
+        "Nameservers  : 192.0.2.53, 192.0.2.54",
+        "Cluster names: *.cluster.local, <svc>.<namespace> for mapped namespaces",
+    ]
+    assert _dns_lines(dns) == expected
+    del dns["mode"]  # a daemon from before the modes: the same lines
+    assert _dns_lines(dns) == expected
+
+
+def test_status_text_of_the_resolved_mode() -> None:
+    dns = {
+        "mode": "resolved",
+        "hook": "systemd-resolved, per-link DNS on tel0",
+        "local_address": "127.0.0.1:5353",
+        "nameservers": [],
+        "upstreams": ["192.168.1.1"],
+        "cluster_names": "*.cluster.local, <svc>.<namespace> for mapped namespaces",
+        "dns_address": "198.18.255.253",
+        "routing_domains": ["cluster.local", "svc", "web"],
+        "search_domains": ["dev"],
+        "domains_left_out": [],
+        "link_error": "",
+    }
+    assert _dns_lines(dns) == [
+        "Hooked in by   : systemd-resolved, per-link DNS on tel0",
+        "DNS address    : 198.18.255.253",
+        "Routing domains: cluster.local, svc, web",
+        "Search domains : dev",
+        "Upstreams      : 192.168.1.1",
+        "Cluster names  : *.cluster.local, <svc>.<namespace> for mapped namespaces",
+    ]
+    many = [f"ns-{i}" for i in range(20)]
+    dns |= {
+        "routing_domains": ["cluster.local", "svc", *many],
+        "search_domains": [],
+        "upstreams": [],
+        "domains_left_out": ["zz-1", "zz-2"],
+        "link_error": "systemd-resolved is not running",
+    }
+    lines = _dns_lines(dns)
+    assert lines[2] == (
+        "Routing domains    : cluster.local, svc, ns-0, ns-1, ns-2, ns-3, ns-4, ns-5 "
+        "and 14 more (`status -o json` lists them)"
+    )
+    assert lines[3:5] == ["Search domains     : none", "Upstreams          : none"]
+    assert lines[-2:] == [
+        "Left out           : 2 namespaces (resolved's limit per link)",
+        "Domains not updated: systemd-resolved is not running",
+    ]
+
+
 def test_status_imports_no_asyncio_and_works_without_a_daemon(tmp_path: Path) -> None:
     """`status` answers without asyncio, aiohttp or the Kubernetes client."""
     code = (

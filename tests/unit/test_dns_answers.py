@@ -18,11 +18,10 @@ import dns.rdatatype
 import dns.rrset
 import pytest
 
-from telepresence.daemon.dns import (
-    DnsSettings,
+from telepresence.daemon.dns import DnsSettings, Resolver
+from telepresence.daemon.dnsanswers import (
     MalformedQuery,
     Outcome,
-    Resolver,
     classify,
     cluster_addresses,
     cluster_qtype,

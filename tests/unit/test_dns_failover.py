@@ -13,8 +13,8 @@ import dns.flags
 import dns.message
 import dns.rdatatype
 
-from telepresence.daemon.dns import DnsServer
 from telepresence.daemon.dnsrules import NameRules
+from telepresence.daemon.dnsserver import DnsServer
 from tests.unit.fakedns import NAME, SETTINGS, FakeNameserver, ask, no_cluster, plain_socket
 
 

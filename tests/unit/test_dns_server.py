@@ -31,8 +31,9 @@ import dns.rdatatype
 import dns.rrset
 import pytest
 
-from telepresence.daemon.dns import DnsServer, DnsSettings
+from telepresence.daemon.dns import DnsSettings
 from telepresence.daemon.dnsrules import NameRules
+from telepresence.daemon.dnsserver import DnsServer
 
 A = dns.rdatatype.A
 AAAA = dns.rdatatype.AAAA
@@ -489,7 +490,8 @@ PROBE = textwrap.dedent(
     import asyncio, json, socket, sys
     import dns.message, dns.rrset
     from ipaddress import IPv4Network
-    from telepresence.daemon.dns import DnsServer, DnsSettings
+    from telepresence.daemon.dns import DnsSettings
+    from telepresence.daemon.dnsserver import DnsServer
     from telepresence.daemon.dnsrules import NameRules
 
     ADDRESSES = {"web.ns.svc.cluster.local.": ["10.96.0.10"],

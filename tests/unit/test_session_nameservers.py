@@ -12,12 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from telepresence.daemon import resolvwatch, session
-from telepresence.daemon.dns import DnsServer
+from telepresence.daemon import sessiondns
 from telepresence.daemon.dnsrules import NameRules
-from telepresence.daemon.session import ConnectRequest, Session
-from telepresence.netfilter.client import Nameservers
-from telepresence.netfilter.policy import choose_nameservers
+from telepresence.daemon.sessiondns import SessionDns
+from telepresence.netfilter.client import Nameservers, SetupResult
+from telepresence.netfilter.dnspolicy import choose_nameservers
 from telepresence.netfilter.resolvconf import read_resolv_conf
 from tests.unit.fakedns import SETTINGS, FakeNameserver, ask, no_cluster, plain_socket
 
@@ -51,57 +50,56 @@ async def test_a_rewritten_resolv_conf_is_followed_within_a_second(
 ) -> None:
     old = await FakeNameserver("127.0.0.2").start()
     new = await FakeNameserver("127.0.0.6", mode="answer").start(port=old.port)
-    monkeypatch.setattr(session, "DNS_PORT", old.port)
+    monkeypatch.setattr(sessiondns, "DNS_PORT", old.port)
     resolv = tmp_path / "resolv.conf"
     resolv.write_text("nameserver 127.0.0.2\nsearch home.example\n")
-    monkeypatch.setattr(session, "RESOLV_CONF", resolv)
+    monkeypatch.setattr(sessiondns, "RESOLV_CONF", resolv)
 
-    s = Session(ConnectRequest(), debug=False, on_lost=lambda _: None)
-    helper = FileReadingHelper(resolv, [IPv4Address("127.0.0.2")])
-    s.helper = helper  # type: ignore[assignment]
-    s.dns = DnsServer(
+    s = SessionDns(
         rules=NameRules,
         cluster_subnets=list,
         cluster_lookup=no_cluster,
-        upstreams=[old.address],
         upstream_socket=plain_socket,
         settings=SETTINGS,
     )
-    watch = asyncio.create_task(
-        resolvwatch.watch(
-            resolv,
-            on_change=s._follow_resolv_conf,
-            initial=resolvwatch.read_stamp(resolv),
-            interval=resolvwatch.INTERVAL,
-        ),
-        name="resolv-conf",
-    )
+    helper = FileReadingHelper(resolv, [IPv4Address("127.0.0.2")])
     loop = asyncio.get_running_loop()
+    watch: asyncio.Task[None] | None = None
     try:
-        async with s.dns:
-            assert (await ask(s.dns))[0] == "127.0.0.2"
+        assert await s.start() == s.server.port != 0
+        setup = SetupResult(
+            tun_fd=-1, tun_name="tel0", routed=[], nameservers=helper.current, mark=1
+        )
+        assert s.adopt(setup, helper) is None  # "redirect" mode: no DNS on the TUN
+        ((name, watching),) = s.background()  # the session's own watch of /etc/resolv.conf
+        watch = asyncio.create_task(watching, name=name)
+        assert name == "resolv-conf"
+        assert (await ask(s.server))[0] == "127.0.0.2"
+        assert s.local_search_domains == ("home.example",)
 
-            rewrite(resolv, "nameserver 127.0.0.6\nsearch office.example\noptions timeout:2\n")
-            changed_at = loop.time()
-            async with asyncio.timeout(2):
-                while (await ask(s.dns))[0] != "127.0.0.6":
-                    await asyncio.sleep(0.05)
-            assert loop.time() - changed_at < 1.0
-            assert s.nameservers == ["127.0.0.6"] and s.resolv.search == ("office.example",)
-            assert s.dns.upstreams.budget() == pytest.approx(min(SETTINGS.upstream_timeout, 2))
-            asked_old = len(old.queries)
+        rewrite(resolv, "nameserver 127.0.0.6\nsearch office.example\noptions timeout:2\n")
+        changed_at = loop.time()
+        async with asyncio.timeout(2):
+            while (await ask(s.server))[0] != "127.0.0.6":
+                await asyncio.sleep(0.05)
+        assert loop.time() - changed_at < 1.0
+        assert s.nameservers == ["127.0.0.6"] and s.resolv.search == ("office.example",)
+        assert s.server.upstreams.budget() == pytest.approx(min(SETTINGS.upstream_timeout, 2))
+        asked_old = len(old.queries)
 
-            # A moment without any usable nameserver: the last good list stays.
-            rewrite(resolv, "# network changing\nnameserver 2001:db8::1\n")
-            async with asyncio.timeout(2):
-                while helper.refreshes < 2:
-                    await asyncio.sleep(0.05)
-            assert s.nameservers == ["127.0.0.6"]
-            assert (await ask(s.dns))[0] == "127.0.0.6"
-            assert len(old.queries) == asked_old  # nothing went to the old server again
+        # A moment without any usable nameserver: the last good list stays.
+        rewrite(resolv, "# network changing\nnameserver 2001:db8::1\n")
+        async with asyncio.timeout(2):
+            while helper.refreshes < 2:
+                await asyncio.sleep(0.05)
+        assert s.nameservers == ["127.0.0.6"]
+        assert (await ask(s.server))[0] == "127.0.0.6"
+        assert len(old.queries) == asked_old  # nothing went to the old server again
     finally:
-        watch.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await watch
+        if watch is not None:
+            watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watch
+        await s.close()
         old.stop()
         new.stop()

@@ -53,6 +53,43 @@ def _rows(rows: list[tuple[str, Any]], indent: str = "  ") -> list[str]:
     return [f"{indent}{k:<{width}}: {v}" for k, v in rows]
 
 
+#: Domains shown on one status line; `status -o json` lists them all (up to 256).
+SHOWN_DOMAINS = 8
+
+
+def _domains(domains: list[str]) -> str:
+    if not domains:
+        return "none"
+    shown = ", ".join(domains[:SHOWN_DOMAINS])
+    more = len(domains) - SHOWN_DOMAINS
+    return f"{shown} and {more} more (`status -o json` lists them)" if more > 0 else shown
+
+
+def _dns_rows(dns: dict[str, Any]) -> list[tuple[str, Any]]:
+    """How the laptop's DNS reaches us: the nameservers redirected ("redirect", and
+    daemons from before the mode existed), or systemd-resolved's link ("resolved")."""
+    if dns.get("mode") != "resolved":
+        return [
+            ("Hooked in by", dns.get("hook", "")),
+            ("Local server", dns.get("local_address", "")),
+            ("Nameservers", ", ".join(dns.get("nameservers", [])) or "none"),
+            ("Cluster names", dns.get("cluster_names", "")),
+        ]
+    rows: list[tuple[str, Any]] = [
+        ("Hooked in by", dns.get("hook", "")),
+        ("DNS address", dns.get("dns_address", "")),
+        ("Routing domains", _domains(dns.get("routing_domains", []))),
+        ("Search domains", _domains(dns.get("search_domains", []))),
+        ("Upstreams", ", ".join(dns.get("upstreams", [])) or "none"),
+        ("Cluster names", dns.get("cluster_names", "")),
+    ]
+    if left_out := dns.get("domains_left_out", []):
+        rows.append(("Left out", f"{len(left_out)} namespaces (resolved's limit per link)"))
+    if error := dns.get("link_error", ""):
+        rows.append(("Domains not updated", error))
+    return rows
+
+
 def status_text(status: dict[str, Any]) -> str:
     root = status["root_daemon"]
     user = status["user_daemon"]
@@ -68,15 +105,7 @@ def status_text(status: dict[str, Any]) -> str:
                 ("DNS", ""),
             ]
         )
-        lines += _rows(
-            [
-                ("Hooked in by", dns.get("hook", "")),
-                ("Local server", dns.get("local_address", "")),
-                ("Nameservers", ", ".join(dns.get("nameservers", [])) or "none"),
-                ("Cluster names", dns.get("cluster_names", "")),
-            ],
-            indent="    ",
-        )
+        lines += _rows(_dns_rows(dns), indent="    ")
         subnets = root.get("subnets", [])
         lines += _rows([("Routed subnets", f"({len(subnets)} subnets)")])
         lines += [f"    - {s}" for s in subnets]

@@ -18,7 +18,8 @@ import sys
 from typing import Any
 
 from telepresence import __version__, paths, versions
-from telepresence.daemon.session import ConnectError, ConnectRequest, Session
+from telepresence.daemon.request import ConnectError, ConnectRequest
+from telepresence.daemon.session import Session
 from telepresence.netfilter.client import HelperListener
 
 log = logging.getLogger("telepresence.daemon")

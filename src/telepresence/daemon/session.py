@@ -3,6 +3,11 @@
 `connect` builds it step by step and reports progress; anything that fails unwinds what was
 already set up (in reverse), so a failed connect leaves the laptop as it was. `close` undoes
 a working session the same way, DNS first so the laptop never loses name resolution.
+
+The DNS part (server, upstreams, resolv.conf, systemd-resolved's link domains) is
+:mod:`.sessiondns`; this module tells it when namespaces and the search path change.
+What was asked (:class:`~.request.ConnectRequest`) and :class:`~.request.ConnectError`
+are in :mod:`.request`.
 """
 
 from __future__ import annotations
@@ -15,8 +20,7 @@ import logging
 import os
 import socket
 import uuid
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any, Literal
 
@@ -24,12 +28,18 @@ import aiohttp
 import dns.message
 
 from telepresence import paths, versions
-from telepresence.daemon import nsswitch, resolvwatch
+from telepresence.daemon import nsswitch
 from telepresence.daemon.dialfailures import DialFailureLog
-from telepresence.daemon.dns import DnsServer
 from telepresence.daemon.dnsrules import NameRules
 from telepresence.daemon.pool import IncompatibleManager, ManagerPool, PoolUnavailable
 from telepresence.daemon.proxy import TransparentProxy
+from telepresence.daemon.request import (
+    ConnectError,
+    ConnectRequest,
+    api_server_addresses,
+    helper_command,
+)
+from telepresence.daemon.sessiondns import SessionDns
 from telepresence.daemon.udp import UdpRelay
 from telepresence.k8s import kubeconfig
 from telepresence.k8s.api import (
@@ -43,86 +53,14 @@ from telepresence.k8s.api import (
 from telepresence.k8s.install import ensure_manager, find_manager_pod
 from telepresence.k8s.manifests import DEFAULT_NAMESPACE, TUNNEL_PORT
 from telepresence.k8s.portforward import PortForward, portforward_hint
-from telepresence.netfilter.client import HelperClient, HelperError, HelperListener
-from telepresence.netfilter.install import find_helper
-from telepresence.netfilter.resolvconf import RESOLV_CONF, ResolvConf, read_resolv_conf
+from telepresence.netfilter.client import HelperClient, HelperError, HelperListener, SetupResult
 from telepresence.netfilter.subnets import parse_cidr_list, routed_subnets
-from telepresence.paths import HELPER_COMMAND
 from telepresence.tunnel.messages import ClusterInfo
 
 log = logging.getLogger("telepresence.session")
 
 # Port-forward connections per session: enough to spread flows, few enough to be cheap.
 POOL_SIZE = 4
-# Where the laptop's nameservers listen (tests move it: fakes on loopback need no root).
-DNS_PORT = 53
-
-
-class ConnectError(Exception):
-    """Connecting failed; the message is one line that says what to do."""
-
-
-@dataclass(frozen=True, kw_only=True)
-class ConnectRequest:
-    kubeconfig: str | None = None
-    context: str | None = None
-    namespace: str | None = None
-    manager_image: str | None = None
-    manager_base_image: str | None = None
-    manager_namespace: str | None = None
-    # The manager's dial policy lists; None: not configured, an installed manager keeps its.
-    manager_dial_allow: tuple[str, ...] | None = None
-    manager_dial_deny: tuple[str, ...] | None = None
-    # None: every namespace the user may list, followed live.
-    mapped_namespaces: tuple[str, ...] | None = None
-    also_proxy: tuple[str, ...] = ()
-    never_proxy: tuple[str, ...] = ()
-    allow_conflicting_subnets: tuple[str, ...] = ()
-    env: dict[str, str] = field(default_factory=dict)
-
-    @classmethod
-    def from_json(cls, req: dict[str, Any]) -> ConnectRequest:
-        mapped = req.get("mapped_namespaces")
-        allow = req.get("manager_dial_allow")
-        deny = req.get("manager_dial_deny")
-        return cls(
-            kubeconfig=req.get("kubeconfig"),
-            context=req.get("context"),
-            namespace=req.get("namespace"),
-            manager_image=req.get("manager_image"),
-            manager_base_image=req.get("manager_base_image"),
-            manager_namespace=req.get("manager_namespace"),
-            manager_dial_allow=None if allow is None else tuple(allow),
-            manager_dial_deny=None if deny is None else tuple(deny),
-            mapped_namespaces=None if mapped is None else tuple(mapped),
-            also_proxy=tuple(req.get("also_proxy") or ()),
-            never_proxy=tuple(req.get("never_proxy") or ()),
-            allow_conflicting_subnets=tuple(req.get("allow_conflicting_subnets") or ()),
-            env=dict(req.get("env") or {}),
-        )
-
-
-def helper_command() -> list[str]:
-    helper = find_helper()
-    if helper is None:
-        raise ConnectError(
-            f"the network helper `{HELPER_COMMAND}` is not on PATH; reinstall telepresence"
-        )
-    return [helper] if os.geteuid() == 0 else ["sudo", "-n", helper]
-
-
-def api_server_addresses(server: str) -> list[str]:
-    """The API server's own addresses: never routed into the tunnel that runs over it."""
-    host = server.split("://", 1)[-1].split("/", 1)[0].rsplit(":", 1)[0].strip("[]")
-    try:
-        return [str(ipaddress.ip_address(host))]
-    except ValueError:
-        pass
-    try:
-        infos = socket.getaddrinfo(host, None, socket.AF_INET)
-    except OSError:
-        return []
-    return sorted({str(info[4][0]) for info in infos})
 
 
 class Session:
@@ -144,14 +82,17 @@ class Session:
         self.http: aiohttp.ClientSession | None = None
         self.pool: ManagerPool | None = None
         self.proxy: TransparentProxy | None = None
-        self.dns: DnsServer | None = None
+        self.dns = SessionDns(
+            rules=self.name_rules,
+            cluster_subnets=lambda: self.routed,
+            cluster_lookup=self._cluster_lookup,
+            upstream_socket=self._upstream_socket,
+            on_cluster_answer=self._route_answer,
+        )
         self.helper: HelperClient | None = None
         self.tun_fd: int | None = None
         self.cluster_info: ClusterInfo | None = None
         self.routed: list[IPv4Network] = []
-        self.resolv = ResolvConf()
-        # What the helper redirects and the DNS server forwards to, in order.
-        self.nameservers: list[str] = []
         self.api_server_ips: list[str] = []
         self.namespaces: frozenset[str] = frozenset()
         self.connected = False
@@ -160,7 +101,6 @@ class Session:
         # What this daemon reports and speaks (tests fake both through the environment).
         self.version = versions.package_version()
         self.protocol = versions.protocol_range()
-        self.dns_port = 0
         self.udp: UdpRelay | None = None
         # One for TCP and UDP: why the cluster could not dial, without flooding the log.
         self.dial_log = DialFailureLog()
@@ -245,26 +185,10 @@ class Session:
                 f"`kubectl -n {self.manager_namespace} logs deploy/traffic-manager`"
             ) from e
 
-        # The same parser the helper uses to pick the nameservers it redirects; the
-        # stamp first, so a change made while we read is seen by the watch.
-        resolv_stamp = resolvwatch.read_stamp(RESOLV_CONF)
-        self.resolv = read_resolv_conf(RESOLV_CONF)
         await self._load_namespaces()
         self.proxy = TransparentProxy(self.pool, dial_log=self.dial_log)
         proxy_port = await self.proxy.start()
-        self.dns = DnsServer(
-            rules=self.name_rules,
-            cluster_subnets=lambda: self.routed,
-            cluster_lookup=self._cluster_lookup,
-            upstreams=_upstreams(self.resolv.nameservers),
-            upstream_socket=self._upstream_socket,
-            on_cluster_answer=self._route_answer,
-        )
-        # The clients' `options timeout:` bounds how long a forwarded query may take.
-        self.dns.upstreams.set_servers(
-            _upstreams(self.resolv.nameservers), client_timeout=self.resolv.timeout
-        )
-        self.dns_port = await self.dns.start()
+        dns_port = await self.dns.start()
 
         try:
             self.helper = await self._start_helper()
@@ -285,7 +209,7 @@ class Session:
         try:
             result = await self.helper.setup(
                 subnets=self._cluster_subnets(),
-                dns_redirect_port=self.dns_port,
+                dns_redirect_port=dns_port,
                 proxy_port=proxy_port,
                 api_server_ips=self.api_server_ips,
                 never_proxy=self.request.never_proxy,
@@ -295,21 +219,11 @@ class Session:
             raise ConnectError(str(e)) from e
         self.tun_fd = result.tun_fd
         self.routed = result.routed
-        # Forward to exactly what the helper redirects (its reading of the file).
-        self.nameservers = [str(n) for n in result.nameservers]
-        self.dns.upstreams.set_servers(_upstreams(self.nameservers))
-        self.udp = UdpRelay(self.pool, self.tun_fd, dial_log=self.dial_log)
-        self.udp.start()
+        await self._start_tun_side(result)
         self.tasks.append(asyncio.create_task(self._watch_helper(), name="watch-helper"))
         self.tasks.append(asyncio.create_task(self._watch_namespaces(), name="namespaces"))
-        self.tasks.append(
-            asyncio.create_task(
-                resolvwatch.watch(
-                    RESOLV_CONF, on_change=self._follow_resolv_conf, initial=resolv_stamp
-                ),
-                name="resolv-conf",
-            )
-        )
+        for name, coroutine in self.dns.background():
+            self.tasks.append(asyncio.create_task(coroutine, name=name))
         self.connected = True
         log.info(
             "connected to %s (%s); routing %s",
@@ -318,6 +232,24 @@ class Session:
             ", ".join(map(str, self.routed)),
         )
         return self.connect_result()
+
+    async def _start_tun_side(self, result: SetupResult) -> None:
+        """After Setup: the UDP relay on the TUN, answering DNS there when the helper chose
+        systemd-resolved, which is then told the cluster's domains."""
+        assert self.pool is not None and self.helper is not None and self.tun_fd is not None
+        try:
+            local_dns = self.dns.adopt(result, self.helper)
+        except HelperError as e:
+            raise ConnectError(str(e)) from e
+        self.udp = UdpRelay(self.pool, self.tun_fd, dial_log=self.dial_log, local_dns=local_dns)
+        self.udp.start()
+        try:
+            # After the relay reads the TUN: resolved asks as soon as it knows the domains.
+            await self.dns.apply_link_domains()
+        except HelperError as e:
+            raise ConnectError(
+                f"systemd-resolved could not be told the cluster's DNS domains: {e}"
+            ) from e
 
     def connect_result(self) -> dict[str, Any]:
         assert self.access is not None
@@ -370,6 +302,7 @@ class Session:
                             self.namespaces = self.namespaces - {name}
                         else:
                             self.namespaces = self.namespaces | {name}
+                    self.dns.domains_changed()
             except KubeError as e:
                 log.info("namespace watch: %s", e)
             await asyncio.sleep(2)
@@ -394,7 +327,7 @@ class Session:
             all_namespaces=mapped is None,
             live_namespaces=self.namespaces,
             search_namespaces=self.search_namespaces(),
-            local_search_domains=self.resolv.search,
+            local_search_domains=self.dns.local_search_domains,
         )
 
     async def _start_helper(self) -> HelperClient:
@@ -454,16 +387,19 @@ class Session:
                 f"intercept {name} already exists; `telepresence leave {name}` first"
             )
         self.intercepts[name] = namespace
+        self.dns.domains_changed()
 
     def leave(self, name: str) -> None:
         if self.intercepts.pop(name, None) is None:
             raise ConnectError(f"no intercept named {name}; `telepresence list` shows them")
+        self.dns.domains_changed()
 
     def _on_cluster_info(self, info: ClusterInfo) -> None:
         changed = self.cluster_info is not None and info != self.cluster_info
         self.cluster_info = info
         if changed and self.helper is not None:
             self.tasks.append(asyncio.create_task(self._update_subnets(), name="subnets"))
+            self.dns.domains_changed()  # the cluster domain is one of them
 
     async def _update_subnets(self) -> None:
         async with self._subnet_lock:
@@ -472,25 +408,6 @@ class Session:
                 self.routed = await self.helper.update_subnets(self._cluster_subnets())
             except (HelperError, ConnectError) as e:
                 log.warning("updating routed subnets failed: %s", e)
-
-    async def _follow_resolv_conf(self) -> None:
-        """resolv.conf changed: the helper re-reads it and moves the DNS redirect (it
-        alone decides what is hooked), then the upstreams follow what it hooked.
-
-        Search domains and ``options timeout:`` come from our own reading of the
-        same file with the same parser.  A HelperError propagates, so the watch
-        tries again at its next look.
-        """
-        assert self.helper is not None and self.dns is not None
-        resolv = read_resolv_conf(RESOLV_CONF)
-        result = await self.helper.refresh_nameservers()
-        if result.kept:
-            log.warning("%s", result.kept)
-        self.resolv = resolv
-        self.nameservers = [str(n) for n in result.nameservers]
-        self.dns.upstreams.set_servers(_upstreams(self.nameservers), client_timeout=resolv.timeout)
-        if result.changed:
-            log.info("resolv.conf changed: DNS now redirected from %s", ", ".join(self.nameservers))
 
     async def _cluster_lookup(self, name: str, qtype: int) -> dns.message.Message | None:
         if self.pool is None:
@@ -530,13 +447,7 @@ class Session:
             "root_daemon": {
                 "running": self.helper is not None,
                 "version": self.version,
-                "dns": {
-                    "hook": "nftables redirect of the laptop's nameservers (no file edited)",
-                    "local_address": f"127.0.0.1:{self.dns_port}",
-                    "nameservers": list(self.nameservers),
-                    "cluster_domain": domain,
-                    "cluster_names": f"*.{domain}, <svc>.<namespace> for mapped namespaces",
-                },
+                "dns": self.dns.status(cluster_domain=domain),
                 "subnets": [str(s) for s in self.routed],
                 "host_routes": sorted(str(h) for h in self.host_routes),
                 "also_proxy": list(self.request.also_proxy),
@@ -586,15 +497,19 @@ class Session:
         if self.helper_listener is not None:
             # A helper that connected but was never used sees the reset and exits.
             steps.append(("helper socket", self.helper_listener.close))
-        if self.udp is not None:
+        # With systemd-resolved, the relay answers DNS until the helper has taken the
+        # link's DNS away: DNS first, so the laptop never loses name resolution.
+        udp_last = self.dns.mode == "resolved"
+        if self.udp is not None and not udp_last:
             steps.append(("udp relay", self.udp.close))
         if self.helper is not None:
             steps.append(("network helper", self.helper.teardown))
+        if self.udp is not None and udp_last:
+            steps.append(("udp relay", self.udp.close))
         if self.tun_fd is not None:
             fd, self.tun_fd = self.tun_fd, None
             steps.append(("tun", lambda: _close_fd(fd)))
-        if self.dns is not None:
-            steps.append(("dns server", self.dns.close))
+        steps.append(("dns server", self.dns.close))
         if self.proxy is not None:
             steps.append(("proxy", self.proxy.close))
         if self.pool is not None:
@@ -610,11 +525,6 @@ class Session:
                     await asyncio.wait_for(result, 30)
             except Exception as e:
                 log.warning("undoing %s: %s", name, e)
-
-
-def _upstreams(nameservers: Sequence[str]) -> list[tuple[str, int]]:
-    """Port 53 of each; with none at all, 127.0.0.1 as glibc would use."""
-    return [(n, DNS_PORT) for n in nameservers] or [("127.0.0.1", DNS_PORT)]
 
 
 async def _close_fd(fd: int) -> None:

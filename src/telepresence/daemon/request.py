@@ -1,0 +1,87 @@
+"""What `connect` was asked, and the facts it starts from; no session state here.
+
+:class:`ConnectRequest` is the CLI's request as the control socket carried it;
+:func:`helper_command` and :func:`api_server_addresses` look up, once per connect,
+how to start the network helper and which addresses must stay out of the tunnel.
+:class:`ConnectError` is the one-line failure every step of a connect raises.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+from dataclasses import dataclass, field
+from typing import Any
+
+from telepresence.netfilter.install import find_helper
+from telepresence.paths import HELPER_COMMAND
+
+__all__ = ["ConnectError", "ConnectRequest", "api_server_addresses", "helper_command"]
+
+
+class ConnectError(Exception):
+    """Connecting failed; the message is one line that says what to do."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ConnectRequest:
+    kubeconfig: str | None = None
+    context: str | None = None
+    namespace: str | None = None
+    manager_image: str | None = None
+    manager_base_image: str | None = None
+    manager_namespace: str | None = None
+    # The manager's dial policy lists; None: not configured, an installed manager keeps its.
+    manager_dial_allow: tuple[str, ...] | None = None
+    manager_dial_deny: tuple[str, ...] | None = None
+    # None: every namespace the user may list, followed live.
+    mapped_namespaces: tuple[str, ...] | None = None
+    also_proxy: tuple[str, ...] = ()
+    never_proxy: tuple[str, ...] = ()
+    allow_conflicting_subnets: tuple[str, ...] = ()
+    env: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, req: dict[str, Any]) -> ConnectRequest:
+        mapped = req.get("mapped_namespaces")
+        allow = req.get("manager_dial_allow")
+        deny = req.get("manager_dial_deny")
+        return cls(
+            kubeconfig=req.get("kubeconfig"),
+            context=req.get("context"),
+            namespace=req.get("namespace"),
+            manager_image=req.get("manager_image"),
+            manager_base_image=req.get("manager_base_image"),
+            manager_namespace=req.get("manager_namespace"),
+            manager_dial_allow=None if allow is None else tuple(allow),
+            manager_dial_deny=None if deny is None else tuple(deny),
+            mapped_namespaces=None if mapped is None else tuple(mapped),
+            also_proxy=tuple(req.get("also_proxy") or ()),
+            never_proxy=tuple(req.get("never_proxy") or ()),
+            allow_conflicting_subnets=tuple(req.get("allow_conflicting_subnets") or ()),
+            env=dict(req.get("env") or {}),
+        )
+
+
+def helper_command() -> list[str]:
+    helper = find_helper()
+    if helper is None:
+        raise ConnectError(
+            f"the network helper `{HELPER_COMMAND}` is not on PATH; reinstall telepresence"
+        )
+    return [helper] if os.geteuid() == 0 else ["sudo", "-n", helper]
+
+
+def api_server_addresses(server: str) -> list[str]:
+    """The API server's own addresses: never routed into the tunnel that runs over it."""
+    host = server.split("://", 1)[-1].split("/", 1)[0].rsplit(":", 1)[0].strip("[]")
+    try:
+        return [str(ipaddress.ip_address(host))]
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, None, socket.AF_INET)
+    except OSError:
+        return []
+    return sorted({str(info[4][0]) for info in infos})
