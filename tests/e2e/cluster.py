@@ -30,10 +30,11 @@ from telepresence.k8s.install import find_manager_pod
 from telepresence.k8s.portforward import PortForward
 
 async def open_pool(api, http, access, name):
-    async def open_forward():
-        info = await find_manager_pod(api, "ambassador")
-        return await PortForward.open(http, access, namespace="ambassador",
-                                      pod=info.pod_name, port=8081)
+    async def open_forward(pod, avoid):
+        if pod is None:
+            pod = (await find_manager_pod(api, "ambassador", avoid=avoid)).pod_name
+        return pod, await PortForward.open(http, access, namespace="ambassador",
+                                           pod=pod, port=8081)
     pool = ManagerPool(open_forward=open_forward, size=1, client_name=name,
                        install_id=name, on_cluster_info=lambda _: None)
     await pool.start()

@@ -372,17 +372,29 @@ async def test_cluster_failures(upstream: tuple[str, int]) -> None:
         assert h.cluster.calls == [("mail.ns.svc.cluster.local.", A)]
 
 
+def _black_hole_and_mute() -> tuple[socket.socket, socket.socket]:
+    """A UDP socket that swallows and a TCP listener that never answers, on one port: a
+    free UDP port's TCP twin may be taken by another process, so try a few."""
+    for _ in range(20):
+        black_hole = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        black_hole.bind((HOST, 0))
+        mute = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            mute.bind((HOST, black_hole.getsockname()[1]))
+        except OSError:
+            black_hole.close()
+            mute.close()
+            continue
+        mute.listen()
+        return black_hole, mute
+    raise AssertionError("no port free for both UDP and TCP")
+
+
 async def test_slow_cluster_and_dead_upstream_give_servfail(upstream: tuple[str, int]) -> None:
     loop = asyncio.get_running_loop()
-    with (
-        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as black_hole,
-        socket.socket(socket.AF_INET, socket.SOCK_STREAM) as mute,
-    ):
-        # Both on one port: UDP swallows, TCP accepts (backlog) and never answers.
-        black_hole.bind((HOST, 0))
+    black_hole, mute = _black_hole_and_mute()
+    with black_hole, mute:
         port = black_hole.getsockname()[1]
-        mute.bind((HOST, port))
-        mute.listen()
         settings = DnsSettings(cluster_timeout=0.1, upstream_timeout=0.1)
         async with serving((HOST, port), settings=settings) as h:
             started = loop.time()

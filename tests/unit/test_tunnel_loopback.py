@@ -14,7 +14,7 @@ from typing import cast
 
 import pytest
 
-from telepresence.daemon.pool import ManagerPool
+from telepresence.daemon.pool import ManagerPool, PoolUnavailable
 from telepresence.manager.dialpolicy import DialPolicy
 from telepresence.manager.server import POLICY_REFUSAL, Manager, TunnelConnection
 from telepresence.tunnel.flows import SocketFlow
@@ -63,20 +63,39 @@ LOOPBACK_ALLOWED = DialPolicy(allow=[ip_network("127.0.0.0/8")])
 
 
 class World:
+    """The pool and one or more managers ("pods") on loopback; ``ready`` are the pods a
+    new join may pick, newest last, as find_manager_pod does."""
+
     def __init__(self) -> None:
         self.manager = Manager(dns_lookup=self._lookup, dial_policy=LOOPBACK_ALLOWED)
         self.manager.set_cluster_info(INFO)
         self.forwards = 0
+        self.ports: dict[str, int] = {}
+        self.managers: dict[str, Manager] = {"mgr-a": self.manager}
+        self.servers: list[asyncio.Server] = []
+        self.ready: list[str] = ["mgr-a"]
+        self.opened: list[str] = []
 
     async def _lookup(self, qname: str, qtype: int) -> bytes:
         return f"{qname}/{qtype}".encode()
 
-    async def start(self) -> None:
+    async def _serve(self, name: str, manager: Manager) -> None:
         loop = asyncio.get_running_loop()
-        self.manager_server = await loop.create_server(
-            lambda: TunnelConnection(self.manager), "127.0.0.1", 0
-        )
-        self.manager_port = self.manager_server.sockets[0].getsockname()[1]
+        server = await loop.create_server(lambda: TunnelConnection(manager), "127.0.0.1", 0)
+        self.servers.append(server)
+        self.ports[name] = server.sockets[0].getsockname()[1]
+
+    async def add_manager(self, name: str) -> Manager:
+        """A replacement pod; not ready (not picked) until added to ``ready``."""
+        manager = Manager(dns_lookup=self._lookup, dial_policy=LOOPBACK_ALLOWED)
+        manager.set_cluster_info(INFO)
+        self.managers[name] = manager
+        await self._serve(name, manager)
+        return manager
+
+    async def start(self) -> None:
+        await self._serve("mgr-a", self.manager)
+        self.manager_port = self.ports["mgr-a"]
         self.echo_server = await asyncio.start_server(_echo, "127.0.0.1", 0)
         self.echo_port = self.echo_server.sockets[0].getsockname()[1]
         self.pool = ManagerPool(
@@ -88,14 +107,21 @@ class World:
             on_cluster_info=lambda info: None,
         )
 
-    async def _open(self) -> TcpForward:
+    async def _open(self, pod: str | None, avoid: frozenset[str]) -> tuple[str, TcpForward]:
+        if pod is None:
+            candidates = [p for p in self.ready if p not in avoid]
+            if not candidates:
+                raise PoolUnavailable("no ready traffic manager pod")
+            pod = candidates[-1]
         self.forwards += 1
-        reader, writer = await asyncio.open_connection("127.0.0.1", self.manager_port)
-        return TcpForward(reader, writer)  # type: ignore[return-value]
+        self.opened.append(pod)
+        reader, writer = await asyncio.open_connection("127.0.0.1", self.ports[pod])
+        return pod, TcpForward(reader, writer)
 
     async def close(self) -> None:
         await self.pool.close()
-        self.manager_server.close()
+        for server in self.servers:
+            server.close()
         self.echo_server.close()
 
 
@@ -420,3 +446,118 @@ async def test_a_refused_udp_flow_is_logged_as_a_warning_with_the_reason(
         relay.close()
         tun.close()
         kernel.close()
+
+
+# --- a stopping manager: new flows move, open ones finish ---------------------------------
+
+
+async def _until(condition: object, what: str, timeout: float = 10) -> None:
+    """Polls ``condition()`` (a wait with a deadline, not a sleep for synchronisation)."""
+    assert callable(condition)
+
+    async def done() -> None:
+        while not condition():
+            await asyncio.sleep(0.02)
+
+    try:
+        await asyncio.wait_for(done(), timeout)
+    except TimeoutError:
+        raise AssertionError(f"timed out waiting for {what}") from None
+
+
+async def _open_echo(world: World) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    reader, writer = await _splice(world, world.echo_port)
+    writer.write(b"ping")
+    assert await asyncio.wait_for(reader.readexactly(4), 10) == b"ping"
+    return reader, writer
+
+
+def _streams(manager: Manager) -> int:
+    return sum(len(c.tunnel.streams) for c in manager.connections if c.tunnel is not None)
+
+
+async def test_a_stopping_manager_hands_new_flows_to_its_replacement_and_finishes_the_old(
+    world: World,
+) -> None:
+    await world.pool.start()
+    old, new = world.manager, await world.add_manager("mgr-b")
+    long_reader, long_writer = await _open_echo(world)  # a flow open on the old manager
+    world.ready.append("mgr-b")  # the rollout's new pod is Ready
+
+    old.drain(50)
+    await _until(
+        lambda: (
+            {t.pod for t in world.pool.healthy()} == {"mgr-b"} and len(world.pool.healthy()) == 2
+        ),
+        "the pool to join the replacement",
+    )
+    assert world.pool.session_id in new.sessions
+    # New flows go to the replacement ...
+    before = _streams(new)
+    _reader, writer = await _open_echo(world)
+    assert _streams(new) == before + 1
+    writer.close()
+    # ... while the flow opened before keeps working on the stopping one, to its end.
+    long_writer.write(b"still here")
+    assert await asyncio.wait_for(long_reader.readexactly(10), 10) == b"still here"
+    long_writer.write_eof()
+    assert await asyncio.wait_for(long_reader.read(-1), 10) == b""
+    # Once idle, the old links close, and the stopping manager is free to exit early.
+    assert await old.drained(deadline=asyncio.get_running_loop().time() + 10)
+    assert all(t.pod == "mgr-b" for t in world.pool.tunnels)
+
+
+async def test_until_a_replacement_is_ready_new_flows_still_use_the_stopping_manager(
+    world: World,
+) -> None:
+    await world.pool.start()
+    world.manager.drain(50)
+    await _until(lambda: not world.pool.healthy(), "the links to be marked draining")
+    # One replica: no replacement yet. Connections must not fail meanwhile.
+    for i in range(5):
+        assert await _echo_through(world, f"during {i}".encode()) == f"during {i}".encode()
+    await world.add_manager("mgr-b")
+    world.ready.append("mgr-b")
+    world.pool.manager_pods(stopping={"mgr-a"}, ready={"mgr-b"})
+    await _until(
+        lambda: {t.pod for t in world.pool.healthy()} == {"mgr-b"}, "the pool to hand over"
+    )
+    assert await _echo_through(world, b"after") == b"after"
+
+
+async def test_the_pod_watch_moves_new_flows_even_when_the_old_links_hang(world: World) -> None:
+    """A deletion timestamp in the API is known before any heartbeat is missed, and a
+    port-forward that hangs could not carry the manager's Draining anyway."""
+    world.pool.heartbeat = 60  # the heartbeat must not be what notices
+    await world.pool.start()
+    for t in world.pool.tunnels:
+        t.pf.hung = True  # type: ignore[attr-defined]
+    await world.add_manager("mgr-b")
+    world.ready.append("mgr-b")
+    world.pool.manager_pods(stopping={"mgr-a"}, ready={"mgr-b"})
+    await _until(
+        lambda: {t.pod for t in world.pool.healthy()} == {"mgr-b"},
+        "the pool to join the replacement",
+        timeout=5,
+    )
+    assert await _echo_through(world, b"moved") == b"moved"
+
+
+async def test_a_laptop_at_protocol_1_is_never_sent_draining(world: World) -> None:
+    """An older laptop could not decode it; it sees its links close when the manager exits."""
+    from telepresence.versions import ProtocolRange
+
+    world.pool.protocol = ProtocolRange(1, 1)
+    await world.pool.start()
+    assert world.manager.sessions[world.pool.session_id].protocol == 1
+    world.manager.drain(50)
+    assert await _echo_through(world, b"old laptop") == b"old laptop"
+    assert world.pool.healthy(), "no Draining reached a protocol-1 session"
+
+
+async def test_a_stopping_manager_gives_up_waiting_at_its_deadline(world: World) -> None:
+    await world.pool.start()
+    world.manager.drain(50)  # no replacement: the links stay
+    loop = asyncio.get_running_loop()
+    assert not await world.manager.drained(deadline=loop.time() + 0.3)
+    assert world.manager.connections

@@ -5,6 +5,13 @@ Port-forward connections are expensive (a TLS WebSocket through the API server a
 kubelet), so their number stays fixed however many flows there are. When the manager goes
 away (its pod was deleted, the API server dropped us) the pool finds the manager again and
 re-joins, without the user doing anything.
+
+A manager that is stopping (it says ``Draining``, or the pod watch sees its pod
+terminating) keeps serving: its links are marked draining, the pool joins a ready
+replacement at once, and from then on new flows go there while the open ones finish on the
+old links, which close when they carry nothing. Until a replacement is ready, new flows
+still go to the stopping manager, so a single-replica manager's restart costs no failed
+connection either.
 """
 
 from __future__ import annotations
@@ -18,8 +25,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from telepresence import versions
+from telepresence.daemon.managerlink import PortForwardTunnel
 from telepresence.k8s.portforward import PortForward
-from telepresence.tunnel.endpoint import Buffers, StreamHandler, Tunnel, TunnelStream
+from telepresence.tunnel.endpoint import StreamHandler, TunnelStream
 from telepresence.tunnel.frames import Dial
 from telepresence.tunnel.messages import (
     INCOMPATIBLE,
@@ -31,9 +39,9 @@ from telepresence.tunnel.messages import (
     Depart,
     DnsAnswer,
     DnsLookup,
+    Draining,
     Remain,
 )
-from telepresence.tunnel.protocol import Role
 
 log = logging.getLogger("telepresence.pool")
 
@@ -41,8 +49,13 @@ HEARTBEAT = 5.0
 # A link that has carried nothing, not even the manager's heartbeat echo, for this many
 # heartbeats is dead: a port-forward whose pod is gone can stay open without a byte.
 DEAD_AFTER_HEARTBEATS = 3
-# Messages on a WebSocket are bounded so one large write never monopolises the socket.
-MAX_MESSAGE = 256 * 1024
+#: While links drain: how often idle ones are closed and a missing replacement looked for.
+DRAIN_CHECK = 0.25
+
+#: Opens a port-forward to the manager: to ``pod`` when given (the links of one session
+#: must reach the same pod), else to the newest ready pod not in ``avoid``; returns the
+#: pod's name with it. Raises PoolUnavailable when there is no such pod.
+OpenForward = Callable[[str | None, frozenset[str]], Awaitable[tuple[str, PortForward]]]
 
 
 class PoolUnavailable(Exception):
@@ -52,96 +65,6 @@ class PoolUnavailable(Exception):
 class IncompatibleManager(Exception):
     """The manager and this client share no protocol version; the message is the one line
     for the user, naming the fix. Retrying cannot help."""
-
-
-class PortForwardTunnel:
-    """A Tunnel over a port-forward WebSocket: a reader and a writer task."""
-
-    def __init__(
-        self,
-        pf: PortForward,
-        *,
-        on_control: Callable[[ControlMessage], None],
-        on_closed: Callable[[PortForwardTunnel, str], None],
-        protocol: versions.ProtocolRange,
-    ) -> None:
-        self.pf = pf
-        self._out: Buffers = []
-        self._out_size = 0
-        self._wake = asyncio.Event()
-        self._on_closed = on_closed
-        self.tunnel = Tunnel(
-            Role.CLIENT,
-            versions=protocol.as_tuple(),
-            write=self._write,
-            on_control=on_control,
-            on_closed=lambda reason: on_closed(self, reason),
-        )
-        self.task: asyncio.Task[None] | None = None
-        self.last_heard = time.monotonic()
-
-    def _write(self, buffers: Buffers) -> None:
-        self._out.extend(buffers)
-        self._wake.set()
-
-    def start(self, name: str) -> None:
-        self.task = asyncio.create_task(self._run(), name=name)
-
-    async def _run(self) -> None:
-        writer = asyncio.create_task(self._writer(), name="tunnel-writer")
-        reason = "port-forward closed"
-        try:
-            while True:
-                data = await self.pf.receive()
-                if not data:
-                    break
-                self.last_heard = time.monotonic()
-                self.tunnel.data_received(data)
-                if self.tunnel.closed:
-                    break
-        except Exception as e:  # the WebSocket or the API server failed us
-            reason = f"port-forward failed: {e}"
-        finally:
-            writer.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await writer
-            self.tunnel.connection_lost(reason)
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.pf.close(), 2)
-
-    async def _writer(self) -> None:
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            out, self._out = self._out, []
-            # Send in bounded messages; the list is usually small frames plus payloads.
-            batch: Buffers = []
-            size = 0
-            for buf in out:
-                batch.append(buf)
-                size += len(buf)
-                if size >= MAX_MESSAGE:
-                    await self.pf.send_buffers(batch)
-                    batch, size = [], 0
-            if batch:
-                await self.pf.send_buffers(batch)
-
-    def abandon(self, reason: str) -> None:
-        """Drop a link that went silent; its reader may be blocked forever, so cancel it."""
-        self.tunnel.connection_lost(reason)
-        if self.task is not None:
-            self.task.cancel()
-
-    async def close(self) -> None:
-        self.tunnel.close("laptop disconnecting")
-        # Give the writer a moment to put GOAWAY on the wire before the socket goes.
-        if self._out:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.pf.send_buffers(self._out), 1)
-        if self.task is not None:
-            self.task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self.task
 
 
 @dataclass
@@ -158,7 +81,7 @@ class ManagerPool:
     def __init__(
         self,
         *,
-        open_forward: Callable[[], Awaitable[PortForward]],
+        open_forward: OpenForward,
         size: int,
         client_name: str,
         install_id: str,
@@ -189,6 +112,8 @@ class ManagerPool:
         self._changed = asyncio.Event()
         self._closing = False
         self._session_lost = False
+        #: Pods not to join: stopping (Draining, or terminating in the pod watch).
+        self._avoid: set[str] = set()
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -205,7 +130,7 @@ class ManagerPool:
         loop = asyncio.get_running_loop()
         self._arrived = loop.create_future()
         self._first_info = loop.create_future()
-        first = await self._connect()
+        first = await self._connect(None)
         first.tunnel.send_control(
             Arrive(
                 self.client_name,
@@ -226,16 +151,22 @@ class ManagerPool:
         self.session_id = ok.session_id
         self.manager_version = ok.manager_version
         self.agreed_protocol = ok.protocol
+        first.session_id = ok.session_id
         info = await self._first_info
-        while len(self.tunnels) < self.size:
-            extra = await self._connect()
-            extra.tunnel.send_control(Remain(self.session_id))
+        while len(self.healthy()) < self.size and not first.draining:
+            await self._add_link(first.pod)
         return info
 
-    async def _connect(self) -> PortForwardTunnel:
-        pf = await self._open_forward()
+    async def _add_link(self, pod: str) -> None:
+        extra = await self._connect(pod)
+        extra.session_id = self.session_id
+        extra.tunnel.send_control(Remain(self.session_id))
+
+    async def _connect(self, pod: str | None) -> PortForwardTunnel:
+        name, pf = await self._open_forward(pod, frozenset(self._avoid))
         t = PortForwardTunnel(
             pf,
+            pod=name,
             on_control=self._on_control,
             on_closed=self._tunnel_closed,
             protocol=self.protocol,
@@ -244,12 +175,52 @@ class ManagerPool:
         t.start(name=f"tunnel-{len(self.tunnels)}")
         return t
 
+    def healthy(self) -> list[PortForwardTunnel]:
+        """The links new flows go to: open, and not to a stopping manager."""
+        return [t for t in self.tunnels if not t.draining and not t.tunnel.closed]
+
+    @property
+    def manager_pod(self) -> str:
+        """The pod new flows go to (a stopping one when no replacement is ready yet)."""
+        links = self.healthy() or self.tunnels
+        return links[0].pod if links else ""
+
+    def mark_draining(self, pod: str, why: str) -> None:
+        """The manager in ``pod`` is stopping: move new flows to a replacement when ready."""
+        if not pod or pod in self._avoid:
+            return
+        self._avoid.add(pod)
+        links = [t for t in self.tunnels if t.pod == pod]
+        for t in links:
+            t.draining = True
+        if links:
+            log.info("traffic manager %s is stopping (%s): moving to a replacement", pod, why)
+        self._changed.set()
+
+    def manager_pods(self, *, stopping: set[str], ready: set[str]) -> None:
+        """From the pod watch: pods being deleted drain; a pod that became ready may be the
+        replacement the keeper is waiting for."""
+        for pod in stopping:
+            self.mark_draining(pod, "its pod is terminating")
+        self._avoid &= stopping | {t.pod for t in self.tunnels if t.draining}
+        if ready - self._avoid and not self.healthy():
+            self._changed.set()
+
+    async def _reap_draining(self) -> None:
+        """Close drained links once a replacement serves: the stopping manager exits
+        when its last link closes, well before its grace period ends."""
+        if not self.healthy():
+            return
+        for t in [t for t in self.tunnels if t.draining and not t.tunnel.streams]:
+            self.tunnels.remove(t)
+            await t.close()
+
     def _tunnel_closed(self, t: PortForwardTunnel, reason: str) -> None:
         if t in self.tunnels:
             self.tunnels.remove(t)
             if not self._closing:
-                log.info("tunnel closed: %s", reason)
-        if UNKNOWN_SESSION in reason:
+                log.info("tunnel to %s closed: %s", t.pod or "the manager", reason)
+        if UNKNOWN_SESSION in reason and not t.draining:
             # A new manager that never saw our session: every tunnel must arrive again.
             self._session_lost = True
         if self._arrived is not None and not self._arrived.done():
@@ -261,29 +232,23 @@ class ManagerPool:
         self._changed.set()
 
     async def _keep_full(self) -> None:
-        """Reopens lost connections; re-joins when the session is gone entirely."""
+        """Reopens lost connections; re-joins when the session is gone entirely, or joins a
+        replacement when the manager is stopping; closes drained links."""
         backoff = 0.2
         while not self._closing:
-            await self._changed.wait()
+            draining = any(t.draining for t in self.tunnels)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), DRAIN_CHECK if draining else None)
             self._changed.clear()
-            while not self._closing and len(self.tunnels) < self.size:
+            await self._reap_draining()
+            while not self._closing and len(self.healthy()) < self.size:
                 try:
-                    if self._session_lost or not self.tunnels:
-                        # The manager restarted or every link broke: arrive afresh.
-                        log.info("re-joining the traffic manager")
-                        self._session_lost = False
-                        for stale in list(self.tunnels):
-                            await stale.close()
-                        self.tunnels.clear()
-                        for fut in self._dns.values():
-                            if not fut.done():
-                                fut.set_exception(PoolUnavailable("reconnecting"))
-                        self._dns.clear()
-                        await asyncio.wait_for(self._join(), 60)
-                        self.reconnects += 1
+                    healthy = self.healthy()
+                    if self._session_lost or not healthy:
+                        await self._rejoin()
+                        await self._reap_draining()
                     else:
-                        extra = await self._connect()
-                        extra.tunnel.send_control(Remain(self.session_id))
+                        await self._add_link(healthy[0].pod)
                     backoff = 0.2
                 except IncompatibleManager as e:
                     # A teammate replaced the manager with one we cannot talk to.
@@ -294,8 +259,44 @@ class ManagerPool:
                     for t in list(self.tunnels):
                         if t.tunnel.closed:
                             self.tunnels.remove(t)
+                    if any(t.draining for t in self.tunnels):
+                        # The stopping manager still serves: look again soon, or as soon
+                        # as the pod watch sees a replacement become ready.
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(self._changed.wait(), DRAIN_CHECK)
+                        self._changed.clear()
+                        await self._reap_draining()
+                        continue
                     await asyncio.sleep(backoff)
                     backoff = min(backoff * 2, 5)
+
+    async def _rejoin(self) -> None:
+        """A new session: the manager restarted, every link broke, or (with draining links
+        still serving) a replacement takes over."""
+        handover = any(t.draining for t in self.tunnels)
+        log.info(
+            "joining a replacement traffic manager"
+            if handover
+            else "re-joining the traffic manager"
+        )
+        self._session_lost = False
+        for stale in [t for t in self.tunnels if not t.draining]:
+            self.tunnels.remove(stale)
+            await stale.close()
+        if not handover:
+            for fut in self._dns.values():
+                if not fut.done():
+                    fut.set_exception(PoolUnavailable("reconnecting"))
+            self._dns.clear()
+        try:
+            await asyncio.wait_for(self._join(), 60)
+        except BaseException:
+            # A half-made session must not count as healthy: drop its links.
+            for t in [t for t in self.tunnels if not t.draining]:
+                self.tunnels.remove(t)
+                await t.close()
+            raise
+        self.reconnects += 1
 
     async def _heartbeat(self) -> None:
         """Remain on every link; the manager echoes it, so silence means a dead link."""
@@ -306,8 +307,8 @@ class ManagerPool:
                 if now - t.last_heard > self.heartbeat * DEAD_AFTER_HEARTBEATS:
                     log.info("tunnel silent for %.0fs: reconnecting", now - t.last_heard)
                     t.abandon("no heartbeat from the traffic manager")
-                else:
-                    t.tunnel.send_control(Remain(self.session_id))
+                elif t.session_id:
+                    t.tunnel.send_control(Remain(t.session_id))
 
     async def close(self) -> None:
         self._closing = True
@@ -316,16 +317,19 @@ class ManagerPool:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        if self.tunnels and self.session_id:
-            self.tunnels[0].tunnel.send_control(Depart(self.session_id))
+        for session_id in {t.session_id for t in self.tunnels if t.session_id}:
+            link = next(t for t in self.tunnels if t.session_id == session_id)
+            link.tunnel.send_control(Depart(session_id))
         for t in list(self.tunnels):
             await t.close()
         self.tunnels.clear()
 
     # --- control messages ------------------------------------------------------------
 
-    def _on_control(self, message: ControlMessage) -> None:
-        if isinstance(message, ArriveOk):
+    def _on_control(self, link: PortForwardTunnel, message: ControlMessage) -> None:
+        if isinstance(message, Draining):
+            self.mark_draining(link.pod, f"it has {message.seconds:.0f} s left")
+        elif isinstance(message, ArriveOk):
             if self._arrived is not None and not self._arrived.done():
                 self._arrived.set_result(message)
         elif isinstance(message, ClusterInfo):
@@ -338,14 +342,13 @@ class ManagerPool:
                 fut.set_result(message)
 
     async def dns_lookup(self, qname: str, qtype: int, *, timeout: float = 4.0) -> DnsAnswer:
-        if not self.tunnels:
+        links = self.healthy() or [t for t in self.tunnels if t.session_id]
+        if not links:
             raise PoolUnavailable("not connected to the traffic manager")
         request_id = next(self._request_ids)
         fut: asyncio.Future[DnsAnswer] = asyncio.get_running_loop().create_future()
         self._dns[request_id] = fut
-        self.tunnels[request_id % len(self.tunnels)].tunnel.send_control(
-            DnsLookup(request_id, qname, qtype)
-        )
+        links[request_id % len(links)].tunnel.send_control(DnsLookup(request_id, qname, qtype))
         try:
             return await asyncio.wait_for(fut, timeout)
         finally:
@@ -354,7 +357,8 @@ class ManagerPool:
     # --- streams ---------------------------------------------------------------------
 
     def open_stream(self, dial: Dial, handler: StreamHandler) -> TunnelStream:
-        live = [t for t in self.tunnels if not t.tunnel.closed]
+        # A stopping manager still serves until a replacement is ready.
+        live = self.healthy() or [t for t in self.tunnels if not t.tunnel.closed]
         if not live:
             raise PoolUnavailable("not connected to the traffic manager")
         best = min(live, key=lambda t: len(t.tunnel.streams))

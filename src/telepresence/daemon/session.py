@@ -31,6 +31,7 @@ from telepresence import paths, versions
 from telepresence.daemon import nsswitch
 from telepresence.daemon.dialfailures import DialFailureLog
 from telepresence.daemon.dnsrules import NameRules
+from telepresence.daemon.managerwatch import watch_manager_pods
 from telepresence.daemon.pool import IncompatibleManager, ManagerPool, PoolUnavailable
 from telepresence.daemon.proxy import TransparentProxy
 from telepresence.daemon.request import (
@@ -222,6 +223,13 @@ class Session:
         await self._start_tun_side(result)
         self.tasks.append(asyncio.create_task(self._watch_helper(), name="watch-helper"))
         self.tasks.append(asyncio.create_task(self._watch_namespaces(), name="namespaces"))
+        assert self.api is not None
+        self.tasks.append(
+            asyncio.create_task(
+                watch_manager_pods(self.api, self.manager_namespace, self.pool),
+                name="manager-pods",
+            )
+        )
         for name, coroutine in self.dns.background():
             self.tasks.append(asyncio.create_task(coroutine, name=name))
         self.connected = True
@@ -261,24 +269,29 @@ class Session:
             "warnings": [warning] if warning else [],
         }
 
-    async def _open_forward(self) -> PortForward:
+    async def _open_forward(
+        self, pod: str | None, avoid: frozenset[str]
+    ) -> tuple[str, PortForward]:
+        """A port-forward to ``pod``, or to the newest ready manager pod not in ``avoid``."""
         assert self.api is not None and self.access is not None and self.http is not None
-        try:
-            info = await find_manager_pod(self.api, self.manager_namespace)
-        except Forbidden as e:
-            raise e.with_hint(portforward_hint(self.manager_namespace)) from e
-        if info is None:
-            raise PoolUnavailable("no ready traffic manager pod")
-        self.manager_pod = info.pod_name
+        if pod is None:
+            try:
+                info = await find_manager_pod(self.api, self.manager_namespace, avoid=avoid)
+            except Forbidden as e:
+                raise e.with_hint(portforward_hint(self.manager_namespace)) from e
+            if info is None:
+                raise PoolUnavailable("no ready traffic manager pod")
+            pod = info.pod_name
         # The access caches credentials and the TLS context for the REST calls and every
         # port-forward alike: an exec credential plugin runs once per credential lifetime.
-        return await PortForward.open(
+        forward = await PortForward.open(
             self.http,
             self.access,
             namespace=self.manager_namespace,
-            pod=info.pod_name,
+            pod=pod,
             port=TUNNEL_PORT,
         )
+        return pod, forward
 
     async def _load_namespaces(self) -> None:
         assert self.api is not None
@@ -460,7 +473,7 @@ class Session:
                 "kubernetes_server": access.server if access else "",
                 "kubernetes_context": access.context if access else "",
                 "manager_namespace": self.manager_namespace,
-                "manager_pod": self.manager_pod,
+                "manager_pod": (self.pool.manager_pod if self.pool else "") or self.manager_pod,
                 "manager_version": pool.manager_version if pool else "",
                 # How the manager compares with this client, for `status` to print as is.
                 "manager": versions.describe_manager(

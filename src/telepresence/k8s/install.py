@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, replace
 
 from telepresence import versions
@@ -134,11 +134,15 @@ def pull_failure(pod: Obj) -> str | None:
     return None
 
 
-async def find_manager_pod(api: KubeApi, namespace: str) -> ManagerInfo | None:
-    """The manager to talk to now: the newest Ready pod of the Deployment, or None. The
-    daemon calls it again when its port-forward breaks, to re-join a restarted manager."""
+async def find_manager_pod(
+    api: KubeApi, namespace: str, *, avoid: Collection[str] = ()
+) -> ManagerInfo | None:
+    """The manager to talk to now: the newest Ready pod of the Deployment not in ``avoid``
+    (stopping ones), or None. The daemon calls it again when its port-forward breaks, to
+    re-join a restarted manager, and when its manager is stopping, to hand over."""
     listing = await api.list(_pods_path(namespace), label_selector=manifests.SELECTOR)
-    pod = newest_ready(listing.get("items") or [])
+    items = [p for p in listing.get("items") or [] if p["metadata"]["name"] not in avoid]
+    pod = newest_ready(items)
     return None if pod is None else _info(pod)
 
 

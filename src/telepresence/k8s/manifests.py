@@ -50,6 +50,9 @@ HEALTH_PORT = config.HEALTH_PORT
 #: The uid the image's USER is; "restricted" needs non-root, and a numeric uid lets the
 #: kubelet verify runAsNonRoot without reading the image.
 RUN_AS_USER = 1000
+#: The pod's grace period: the manager's drain (config.DRAIN_SECONDS) and a margin, before
+#: the kubelet's SIGKILL.
+TERMINATION_GRACE_SECONDS = 60
 #: The image of our own (deploy/manager-image.toml), for those who build and load it.
 IMAGE_REPOSITORY = "ghcr.io/telepresence-py/traffic-manager"
 #: The default: an official Python image any cluster can pull, with the manager's code
@@ -311,8 +314,15 @@ def deployment(
         container["volumeMounts"] = delivery["volumeMounts"]
         volumes.append(delivery["volume"])
         pod_annotations[CODE_ANNOTATION] = f"sha256:{code.digest}"
+    container["env"] = [
+        *container["env"],
+        {"name": "TELEPRESENCE_DRAIN_SECONDS", "value": f"{config.DRAIN_SECONDS:g}"},
+    ]
     pod_spec: Obj = {
         "serviceAccountName": NAME,
+        # SIGTERM starts the manager's drain (laptops move their new flows to the
+        # replacement; open ones finish here) for up to config.DRAIN_SECONDS.
+        "terminationGracePeriodSeconds": TERMINATION_GRACE_SECONDS,
         "securityContext": {
             "runAsNonRoot": True,
             "runAsUser": RUN_AS_USER,
@@ -329,6 +339,12 @@ def deployment(
         "metadata": _meta(NAME, namespace, labels=APP_LABEL, annotations=annotations),
         "spec": {
             "replicas": 1,
+            # A rollout starts the new pod and waits for it to be Ready before it stops
+            # the old one, so laptops always have a ready manager to move to.
+            "strategy": {
+                "type": "RollingUpdate",
+                "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
+            },
             "selector": {"matchLabels": dict(APP_LABEL)},
             "template": {
                 "metadata": {"labels": {**_MANAGED, **APP_LABEL}, "annotations": pod_annotations},

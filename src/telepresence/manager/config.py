@@ -19,6 +19,9 @@ TUNNEL_HOST = "127.0.0.1"
 #: The health listener, on the pod network for the kubelet's probes; it answers only
 #: ``GET /readyz`` and tells nothing else.
 HEALTH_PORT = 8082
+#: How long a stopping manager (SIGTERM) keeps serving laptops that have not moved to a
+#: replacement yet; the pod's terminationGracePeriodSeconds leaves room above it.
+DRAIN_SECONDS = 50.0
 HEALTH_HOST = "0.0.0.0"
 READY_PATH = "/readyz"
 

@@ -12,6 +12,7 @@ import asyncio
 import errno
 import logging
 import os
+import signal
 import sys
 import time
 import uuid
@@ -20,7 +21,13 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 from telepresence import versions
-from telepresence.manager.config import HEALTH_HOST, HEALTH_PORT, TUNNEL_HOST, TUNNEL_PORT
+from telepresence.manager.config import (
+    DRAIN_SECONDS,
+    HEALTH_HOST,
+    HEALTH_PORT,
+    TUNNEL_HOST,
+    TUNNEL_PORT,
+)
 from telepresence.manager.dialpolicy import DialPolicy, DialPolicyError
 from telepresence.manager.health import HealthServer
 from telepresence.tunnel.endpoint import Buffers, Tunnel, TunnelStream
@@ -36,6 +43,7 @@ from telepresence.tunnel.messages import (
     Depart,
     DnsAnswer,
     DnsLookup,
+    Draining,
     Remain,
 )
 from telepresence.tunnel.protocol import Role
@@ -45,6 +53,8 @@ log = logging.getLogger("telepresence.manager")
 DIAL_TIMEOUT = 10.0
 # A laptop sends Remain every few seconds; after this much silence its session is gone.
 SESSION_TTL = 30.0
+#: The first protocol version whose laptops understand Draining.
+DRAINING_PROTOCOL = 2
 
 #: Starts the DIAL_RESULT message of a dial the policy refused.
 POLICY_REFUSAL = "refused by the manager's dial policy"
@@ -77,6 +87,7 @@ class TunnelConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
+        self.manager.connection_opened(self)
         self.tunnel = Tunnel(
             Role.SERVER,
             versions=self.manager.protocol.as_tuple(),
@@ -99,6 +110,7 @@ class TunnelConnection(asyncio.Protocol):
             self.tunnel.connection_lost("laptop connection closed")
 
     def _on_closed(self, reason: str) -> None:
+        self.manager.connection_closed(self)
         if self.session is not None:
             self.session.tunnels.discard(self)
         for task in self.tasks:
@@ -138,6 +150,7 @@ class TunnelConnection(asyncio.Protocol):
             )
             if m.cluster_info is not None:
                 self.tunnel.send_control(m.cluster_info)
+            m._tell_draining(self.session)
         elif isinstance(message, Remain):
             session = m.sessions.get(message.session_id)
             if session is None:
@@ -149,6 +162,8 @@ class TunnelConnection(asyncio.Protocol):
             self.session = session
             # The echo lets the laptop tell a live link from one that silently died.
             self.tunnel.send_control(Remain(session.id))
+            if m.draining is not None and session.protocol >= DRAINING_PROTOCOL:
+                self.tunnel.send_control(m.draining)
         elif isinstance(message, Depart):
             m.depart(message.session_id)
         elif isinstance(message, DnsLookup):
@@ -304,6 +319,52 @@ class Manager:
         self.sessions: dict[str, Session] = {}
         self.cluster_info: ClusterInfo | None = None
         self.connections: set[TunnelConnection] = set()
+        #: Set by :meth:`drain`: not ready any more, and every laptop told to move.
+        self.draining: Draining | None = None
+        self._connections_changed = asyncio.Event()
+
+    def connection_opened(self, conn: TunnelConnection) -> None:
+        self.connections.add(conn)
+        self._connections_changed.set()
+
+    def connection_closed(self, conn: TunnelConnection) -> None:
+        self.connections.discard(conn)
+        self._connections_changed.set()
+
+    def drain(self, seconds: float) -> None:
+        """The pod is stopping: tell every laptop that can understand it, and keep serving
+        (open flows finish here, new ones too until the laptop has a replacement)."""
+        if self.draining is not None:
+            return
+        self.draining = Draining(seconds)
+        log.info(
+            "stopping: %d sessions, %d connections told to move within %.0f s",
+            len(self.sessions),
+            len(self.connections),
+            seconds,
+        )
+        for session in self.sessions.values():
+            self._tell_draining(session)
+
+    def _tell_draining(self, session: Session) -> None:
+        if self.draining is None or session.protocol < DRAINING_PROTOCOL:
+            return
+        for conn in session.tunnels:
+            if conn.tunnel is not None and not conn.tunnel.closed:
+                conn.tunnel.send_control(self.draining)
+
+    async def drained(self, *, deadline: float) -> bool:
+        """Waits until no laptop connection is left (True) or ``deadline`` (monotonic)."""
+        while self.connections:
+            self._connections_changed.clear()
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            try:
+                await asyncio.wait_for(self._connections_changed.wait(), remaining)
+            except TimeoutError:
+                return False
+        return True
 
     def arrive(self, message: Arrive, conn: TunnelConnection) -> Session:
         """A new session, at the highest protocol version both sides speak. Raises
@@ -367,7 +428,13 @@ class Manager:
             done += 1
 
 
-async def serve(*, tunnel_port: int, health_port: int, dial_policy: DialPolicy) -> None:
+async def serve(
+    *,
+    tunnel_port: int,
+    health_port: int,
+    dial_policy: DialPolicy,
+    drain_seconds: float = DRAIN_SECONDS,
+) -> None:
     from telepresence.manager.runtime import cluster_info_source, dns_lookup
 
     manager = Manager(dns_lookup=dns_lookup, dial_policy=dial_policy)
@@ -377,12 +444,17 @@ async def serve(*, tunnel_port: int, health_port: int, dial_policy: DialPolicy) 
     tunnel_server = await loop.create_server(
         lambda: TunnelConnection(manager), TUNNEL_HOST, tunnel_port, reuse_address=True
     )
-    health = HealthServer(ready=tunnel_server.is_serving)
+    # Not ready once stopping: laptops (and Services) pick a replacement.
+    health = HealthServer(ready=lambda: tunnel_server.is_serving() and manager.draining is None)
     health_server = await health.start(HEALTH_HOST, health_port)
+    stopping = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stopping.set)
+    loop.add_signal_handler(signal.SIGINT, stopping.set)
     tasks = [
         asyncio.create_task(manager.expire_sessions(), name="expire-sessions"),
         asyncio.create_task(cluster_info_source(manager.set_cluster_info), name="cluster-info"),
     ]
+    stop = asyncio.create_task(stopping.wait(), name="stopping")
     log.info(
         "traffic manager %s (protocol %s): tunnel on %s:%d, health on %s:%d",
         manager.version,
@@ -395,10 +467,20 @@ async def serve(*, tunnel_port: int, health_port: int, dial_policy: DialPolicy) 
     log.info("%s", dial_policy.describe())
     try:
         async with tunnel_server, health_server:
-            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            done, _ = await asyncio.wait([*tasks, stop], return_when=asyncio.FIRST_COMPLETED)
             for task in done:
-                task.result()
+                if task is not stop:
+                    task.result()
+            # SIGTERM: a rollout, a node drain or a delete. Keep serving while the laptops
+            # move to a replacement; they close their links here once idle.
+            manager.drain(drain_seconds)
+            drained = await manager.drained(deadline=time.monotonic() + drain_seconds)
+            log.info(
+                "stopped: %s",
+                "every laptop moved" if drained else f"{len(manager.connections)} links cut",
+            )
     finally:
+        stop.cancel()
         for task in tasks:
             task.cancel()
 
@@ -422,6 +504,12 @@ def main() -> None:
         level=logging.DEBUG if args.debug else logging.INFO,
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
+    drain = float(os.environ.get("TELEPRESENCE_DRAIN_SECONDS", DRAIN_SECONDS))
     asyncio.run(
-        serve(tunnel_port=args.tunnel_port, health_port=args.health_port, dial_policy=dial_policy)
+        serve(
+            tunnel_port=args.tunnel_port,
+            health_port=args.health_port,
+            dial_policy=dial_policy,
+            drain_seconds=drain,
+        )
     )

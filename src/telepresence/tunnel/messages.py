@@ -6,7 +6,8 @@ surfacing later as a missing key. Unknown *fields* are ignored, which lets a fie
 a default be added without a version bump.
 
 Direction is by convention, not enforced: the laptop sends Arrive, Remain, Depart and
-DnsLookup; the traffic manager sends ArriveOk, ClusterInfo and DnsAnswer.
+DnsLookup; the traffic manager sends ArriveOk, ClusterInfo, DnsAnswer and (protocol 2)
+Draining.
 """
 
 from __future__ import annotations
@@ -77,6 +78,16 @@ class DnsAnswer(msgspec.Struct, frozen=True, tag="dns-answer"):
     message: bytes = b""
 
 
+class Draining(msgspec.Struct, frozen=True, tag="draining"):
+    """The manager is stopping (its pod got SIGTERM: a rollout, a drain, a delete). It
+    keeps serving open flows, and new ones, for up to ``seconds``; the laptop opens new
+    flows on a replacement as soon as one is ready and closes its links here once they
+    carry nothing. Sent only to sessions at protocol 2 or later: an older laptop could
+    not decode it, and sees the links close when the manager exits, as before."""
+
+    seconds: float
+
+
 # The GOAWAY reason a manager gives for a session it does not know (it restarted, or the
 # session expired): the laptop must arrive again on every tunnel.
 UNKNOWN_SESSION = "unknown session"
@@ -84,7 +95,9 @@ UNKNOWN_SESSION = "unknown session"
 # version with; the rest of the reason is the one line to show the user.
 INCOMPATIBLE = "incompatible versions: "
 
-ControlMessage = Arrive | ArriveOk | Remain | Depart | ClusterInfo | DnsLookup | DnsAnswer
+ControlMessage = (
+    Arrive | ArriveOk | Remain | Depart | ClusterInfo | DnsLookup | DnsAnswer | Draining
+)
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder: msgspec.msgpack.Decoder[ControlMessage] = msgspec.msgpack.Decoder(ControlMessage)

@@ -1,0 +1,117 @@
+"""One port-forward connection to a traffic manager pod, carrying one multiplexed Tunnel.
+
+The pool (:mod:`.pool`) holds several; each knows the pod it reaches and the session it
+belongs to, so that links to a stopping manager can drain while new ones serve.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+
+from telepresence import versions
+from telepresence.k8s.portforward import PortForward
+from telepresence.tunnel.endpoint import Buffers, Tunnel
+from telepresence.tunnel.messages import ControlMessage
+from telepresence.tunnel.protocol import Role
+
+# Messages on a WebSocket are bounded so one large write never monopolises the socket.
+MAX_MESSAGE = 256 * 1024
+
+
+class PortForwardTunnel:
+    """A Tunnel over a port-forward WebSocket: a reader and a writer task."""
+
+    def __init__(
+        self,
+        pf: PortForward,
+        *,
+        pod: str,
+        on_control: Callable[[PortForwardTunnel, ControlMessage], None],
+        on_closed: Callable[[PortForwardTunnel, str], None],
+        protocol: versions.ProtocolRange,
+    ) -> None:
+        self.pf = pf
+        #: The manager pod at the other end, and the session this link belongs to.
+        self.pod = pod
+        self.session_id = ""
+        #: The manager said it is stopping (or its pod is): no new flows here if avoidable.
+        self.draining = False
+        self._out: Buffers = []
+        self._out_size = 0
+        self._wake = asyncio.Event()
+        self._on_closed = on_closed
+        self.tunnel = Tunnel(
+            Role.CLIENT,
+            versions=protocol.as_tuple(),
+            write=self._write,
+            on_control=lambda message: on_control(self, message),
+            on_closed=lambda reason: on_closed(self, reason),
+        )
+        self.task: asyncio.Task[None] | None = None
+        self.last_heard = time.monotonic()
+
+    def _write(self, buffers: Buffers) -> None:
+        self._out.extend(buffers)
+        self._wake.set()
+
+    def start(self, name: str) -> None:
+        self.task = asyncio.create_task(self._run(), name=name)
+
+    async def _run(self) -> None:
+        writer = asyncio.create_task(self._writer(), name="tunnel-writer")
+        reason = "port-forward closed"
+        try:
+            while True:
+                data = await self.pf.receive()
+                if not data:
+                    break
+                self.last_heard = time.monotonic()
+                self.tunnel.data_received(data)
+                if self.tunnel.closed:
+                    break
+        except Exception as e:  # the WebSocket or the API server failed us
+            reason = f"port-forward failed: {e}"
+        finally:
+            writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await writer
+            self.tunnel.connection_lost(reason)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.pf.close(), 2)
+
+    async def _writer(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            out, self._out = self._out, []
+            # Send in bounded messages; the list is usually small frames plus payloads.
+            batch: Buffers = []
+            size = 0
+            for buf in out:
+                batch.append(buf)
+                size += len(buf)
+                if size >= MAX_MESSAGE:
+                    await self.pf.send_buffers(batch)
+                    batch, size = [], 0
+            if batch:
+                await self.pf.send_buffers(batch)
+
+    def abandon(self, reason: str) -> None:
+        """Drop a link that went silent; its reader may be blocked forever, so cancel it."""
+        self.tunnel.connection_lost(reason)
+        if self.task is not None:
+            self.task.cancel()
+
+    async def close(self) -> None:
+        self.tunnel.close("laptop disconnecting")
+        # Give the writer a moment to put GOAWAY on the wire before the socket goes.
+        if self._out:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.pf.send_buffers(self._out), 1)
+        if self.task is not None:
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self.task
