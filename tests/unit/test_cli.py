@@ -130,6 +130,13 @@ def test_status_text_not_running_and_connected() -> None:
     assert "- 10.96.0.0/16" in text
 
 
+def test_status_text_says_why_it_is_reconnecting() -> None:
+    user = {"running": True, "status": "Reconnecting", "reconnect_reason": "port-forward failed"}
+    text = render.status_text({"root_daemon": {"running": False}, "user_daemon": user})
+    assert "Status            : Reconnecting (port-forward failed)" in text
+    assert "Telepresence proxy: OFF" in text
+
+
 def _dns_lines(dns: dict[str, object]) -> list[str]:
     """The lines under "DNS" in the root daemon's part of `status`."""
     text = render.status_text(

@@ -100,7 +100,9 @@ class World:
         self.echo_port = self.echo_server.sockets[0].getsockname()[1]
         self.pool = ManagerPool(
             open_forward=self._open,
-            heartbeat=0.1,
+            # Short, so the silent-link tests are quick; not so short that a loaded
+            # machine makes a busy link look dead.
+            heartbeat=0.5,
             size=2,
             client_name="test",
             install_id="i",

@@ -116,10 +116,13 @@ def status_text(status: dict[str, Any]) -> str:
     proxy = (
         "ON (networking to the cluster is enabled)" if user.get("status") == "Connected" else "OFF"
     )
+    state = user.get("status", "")
+    if state == "Reconnecting" and user.get("reconnect_reason"):
+        state = f"Reconnecting ({user['reconnect_reason']})"
     lines += _rows(
         [
             ("Version", user.get("version", "")),
-            ("Status", user.get("status", "")),
+            ("Status", state),
             ("Kubernetes server", user.get("kubernetes_server", "")),
             ("Kubernetes context", user.get("kubernetes_context", "")),
             ("Traffic Manager", user.get("manager") or user.get("manager_version", "")),

@@ -45,10 +45,18 @@ from telepresence.tunnel.messages import (
 
 log = logging.getLogger("telepresence.pool")
 
-HEARTBEAT = 5.0
+HEARTBEAT = 1.0
 # A link that has carried nothing, not even the manager's heartbeat echo, for this many
-# heartbeats is dead: a port-forward whose pod is gone can stay open without a byte.
+# heartbeats is dead: a port-forward whose pod is gone, or a network that silently drops
+# everything, or a laptop that slept, can leave it open without a byte. 3 s: new flows
+# stop going into a dead link quickly, and a link carrying data is always heard.
 DEAD_AFTER_HEARTBEATS = 3
+#: One attempt to open a port-forward; a network that drops packets would otherwise hold
+#: the attempt for the TCP connect timeout while the API server may be back already.
+OPEN_TIMEOUT = 3.0
+#: The longest wait between attempts to reach the manager again: the tunnel is back at most
+#: this long (plus one attempt) after the API server answers again.
+MAX_BACKOFF = 1.0
 #: While links drain: how often idle ones are closed and a missing replacement looked for.
 DRAIN_CHECK = 0.25
 
@@ -69,12 +77,15 @@ class IncompatibleManager(Exception):
 
 @dataclass
 class PoolStatus:
+    #: ``reason``: why the pool last lost a link or failed to reconnect, for a
+    #: "Reconnecting" status.
     connected: bool
     connections: int
     session_id: str
     manager_version: str
     protocol: int
     reconnects: int
+    reason: str = ""
 
 
 class ManagerPool:
@@ -112,6 +123,8 @@ class ManagerPool:
         self._changed = asyncio.Event()
         self._closing = False
         self._session_lost = False
+        #: Why the pool last lost a link or failed to reopen one (for `status`).
+        self.last_problem = ""
         #: Pods not to join: stopping (Draining, or terminating in the pod watch).
         self._avoid: set[str] = set()
 
@@ -163,7 +176,9 @@ class ManagerPool:
         extra.tunnel.send_control(Remain(self.session_id))
 
     async def _connect(self, pod: str | None) -> PortForwardTunnel:
-        name, pf = await self._open_forward(pod, frozenset(self._avoid))
+        name, pf = await asyncio.wait_for(
+            self._open_forward(pod, frozenset(self._avoid)), OPEN_TIMEOUT
+        )
         t = PortForwardTunnel(
             pf,
             pod=name,
@@ -220,6 +235,8 @@ class ManagerPool:
             self.tunnels.remove(t)
             if not self._closing:
                 log.info("tunnel to %s closed: %s", t.pod or "the manager", reason)
+                if not t.draining:
+                    self.last_problem = reason
         if UNKNOWN_SESSION in reason and not t.draining:
             # A new manager that never saw our session: every tunnel must arrive again.
             self._session_lost = True
@@ -255,6 +272,7 @@ class ManagerPool:
                     log.warning("cannot re-join the traffic manager: %s", e)
                     await asyncio.sleep(5)
                 except Exception as e:
+                    self.last_problem = f"reconnecting failed: {e or type(e).__name__}"
                     log.info("reconnecting to the traffic manager failed: %s", e)
                     for t in list(self.tunnels):
                         if t.tunnel.closed:
@@ -268,7 +286,7 @@ class ManagerPool:
                         await self._reap_draining()
                         continue
                     await asyncio.sleep(backoff)
-                    backoff = min(backoff * 2, 5)
+                    backoff = min(backoff * 2, MAX_BACKOFF)
 
     async def _rejoin(self) -> None:
         """A new session: the manager restarted, every link broke, or (with draining links
@@ -372,4 +390,5 @@ class ManagerPool:
             manager_version=self.manager_version,
             protocol=self.agreed_protocol,
             reconnects=self.reconnects,
+            reason=self.last_problem,
         )

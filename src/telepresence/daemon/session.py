@@ -470,6 +470,7 @@ class Session:
                 "running": True,
                 "version": self.version,
                 "status": state,
+                "reconnect_reason": pool.reason if pool and state == "Reconnecting" else "",
                 "kubernetes_server": access.server if access else "",
                 "kubernetes_context": access.context if access else "",
                 "manager_namespace": self.manager_namespace,
