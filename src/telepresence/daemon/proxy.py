@@ -4,6 +4,9 @@ The kernel keeps the destination the program asked for (SO_ORIGINAL_DST); the pr
 the traffic manager to dial exactly that, so every program on the laptop reaches ClusterIPs
 and pod IPs with no per-program setup. A failed dial in the cluster resets the laptop's
 connection at once, so a closed port looks closed.
+
+Each connection is a :class:`~.flowbook.FlowRecord` in the session's book while it lives:
+its state, and the bytes each way, counted in the data callbacks.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import struct
 import time
 
 from telepresence.daemon.dialfailures import DialFailureLog
+from telepresence.daemon.flowbook import FlowBook, FlowRecord
 from telepresence.daemon.pool import ManagerPool, PoolUnavailable
 from telepresence.tunnel.flows import SocketFlow, abort_with_reset
 from telepresence.tunnel.frames import Dial, DialError, IPProtocol
@@ -37,6 +41,7 @@ class ProxyFlow(SocketFlow):
         super().__init__(on_done=proxy._flow_done)
         self.proxy = proxy
         self.dial: Dial | None = None
+        self.record: FlowRecord | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -52,21 +57,71 @@ class ProxyFlow(SocketFlow):
             abort_with_reset(self.transport)
             return
         self.dial = Dial(IPProtocol.TCP, address, port)
+        pool = self.proxy.pool
         try:
-            self.stream = self.proxy.pool.open_stream(self.dial, self)
-        except PoolUnavailable:
+            self.stream = stream = pool.open_stream(self.dial, self)
+        except PoolUnavailable as e:
+            self.proxy.book.dial_failed(self.dial, DialError.FAILED, str(e))
             abort_with_reset(self.transport)
+            return
+        peer = transport.get_extra_info("peername")
+        self.record = self.proxy.book.open(
+            IPProtocol.TCP,
+            source=f"{peer[0]}:{peer[1]}" if peer else "",
+            address=address,
+            port=port,
+            link=pool.link_name(stream),
+            stream=stream.id,
+        )
+
+    # The byte counts: one add in each data callback.
+
+    def data_received(self, data: bytes) -> None:
+        if self.record is not None:
+            self.record.sent += len(data)
+        super().data_received(data)
+
+    def stream_data(self, data: bytes) -> None:
+        if self.record is not None:
+            self.record.received += len(data)
+        super().stream_data(data)
+
+    def eof_received(self) -> bool:
+        if self.record is not None:
+            self.record.laptop_eof = True
+        return super().eof_received()
+
+    def stream_eof(self) -> None:
+        if self.record is not None:
+            self.record.cluster_eof = True
+        super().stream_eof()
+
+    def stream_reset(self) -> None:
+        stream = self.stream
+        # A lost link resets all its flows at once: the pool records that once.
+        if self.record is not None and stream is not None and not stream.tunnel.closed:
+            self.proxy.book.reset(self.record, "reset from the cluster side")
+        super().stream_reset()
 
     def dial_result(self, error: DialError | None, message: str) -> None:
+        if self.record is not None:
+            self.record.dialing = False
         if error is not None and self.dial is not None:
             self.proxy.dial_log.failed(self.dial, error, message, now=time.monotonic())
         super().dial_result(error, message)
 
 
 class TransparentProxy:
-    def __init__(self, pool: ManagerPool, *, dial_log: DialFailureLog | None = None) -> None:
+    def __init__(
+        self,
+        pool: ManagerPool,
+        *,
+        dial_log: DialFailureLog | None = None,
+        book: FlowBook | None = None,
+    ) -> None:
         self.pool = pool
-        self.dial_log = dial_log if dial_log is not None else DialFailureLog()
+        self.book = book if book is not None else FlowBook()
+        self.dial_log = dial_log if dial_log is not None else DialFailureLog(book=self.book)
         self.flows: set[ProxyFlow] = set()
         self.server: asyncio.Server | None = None
         self.address: tuple[str, int] = ("127.0.0.1", 0)
@@ -81,6 +136,8 @@ class TransparentProxy:
 
     def _flow_done(self, flow: SocketFlow) -> None:
         self.flows.discard(flow)
+        if isinstance(flow, ProxyFlow) and flow.record is not None:
+            self.book.close(flow.record)
 
     async def close(self) -> None:
         if self.server is not None:
