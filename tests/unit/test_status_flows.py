@@ -1,15 +1,19 @@
 """`status --flows` in the daemon: the session's cluster lookups say why they failed, and
-the session reports its book."""
+the status request carries the book when asked (and only then)."""
 
 from __future__ import annotations
 
-from typing import cast
+import asyncio
+import json
+import socket
+from typing import Any, cast
 
 import dns.message
 import dns.rdatatype
 import pytest
 
 from telepresence.daemon.dns import ClusterLookupFailed
+from telepresence.daemon.main import Daemon
 from telepresence.daemon.pool import ManagerPool, PoolUnavailable
 from telepresence.daemon.request import ConnectRequest
 from telepresence.daemon.session import Session
@@ -63,3 +67,32 @@ def test_the_session_reports_its_book() -> None:
     assert s.flows() == {"flows": [], "flows_open": 0, "errors": []}
     s.book.dns_failed("web.ns A", "the cluster: reconnecting")
     assert [e["destination"] for e in s.flows()["errors"]] == ["web.ns A"]
+
+
+async def _ask(daemon: Daemon, request: dict[str, Any]) -> dict[str, Any]:
+    """One request through the daemon's control handler, over a socketpair."""
+    ours, theirs = socket.socketpair()
+    reader, writer = await asyncio.open_connection(sock=theirs)
+    client_reader, client_writer = await asyncio.open_connection(sock=ours)
+    client_writer.write(json.dumps(request).encode() + b"\n")
+    await daemon._handle(reader, writer)
+    reply: dict[str, Any] = json.loads(await asyncio.wait_for(client_reader.readline(), 5))
+    client_writer.close()
+    return reply
+
+
+async def test_the_status_request_carries_the_flows_only_when_asked() -> None:
+    daemon = Daemon(debug=False)
+    plain = (await _ask(daemon, {"cmd": "status"}))["result"]
+    assert plain["user_daemon"]["status"] == "Not connected"
+    assert "flows" not in plain and "errors" not in plain
+    flows = (await _ask(daemon, {"cmd": "status", "flows": True}))["result"]
+    assert flows["user_daemon"]["status"] == "Not connected"
+    assert (flows["flows"], flows["flows_open"], flows["errors"]) == ([], 0, [])
+
+    daemon.session = session()
+    daemon.session.book.dns_failed("web.ns A", "the cluster: reconnecting")
+    status = (await _ask(daemon, {"cmd": "status", "flows": True}))["result"]
+    assert status["user_daemon"]["status"] == "Connecting"
+    assert [e["message"] for e in status["errors"]] == ["the cluster: reconnecting"]
+    assert "errors" not in (await _ask(daemon, {"cmd": "status"}))["result"]
