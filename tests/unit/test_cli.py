@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -315,3 +316,194 @@ def test_which_manager_image_wins() -> None:
     # The flag for a base image overrides an own image that only the config file names.
     assert images(["--manager-base-image", "f"], manager_image="own:1") == (None, "f")
     assert images(["--manager-image", "own:2"], manager_base_image="b") == ("own:2", None)
+
+
+# --- status --flows -----------------------------------------------------------------------
+
+CONNECTED = {
+    "root_daemon": {"running": True, "version": "0.1.0", "subnets": [], "dns": {}},
+    "user_daemon": {"running": True, "version": "0.1.0", "status": "Connected"},
+}
+
+FLOWS = {
+    "flows": [
+        {
+            "protocol": "udp",
+            "source": "198.51.100.2:5353",
+            "destination": "10.96.0.10:53",
+            "name": "",
+            "sent": 40,
+            "received": 0,
+            "age": 0.25,
+            "state": "dialing",
+            "link": "tunnel-1",
+            "stream": 3,
+        },
+        {
+            "protocol": "tcp",
+            "source": "198.51.100.2:40000",
+            "destination": "10.96.12.4:8080",
+            "name": "echo.tp-alpha",
+            "sent": 78,
+            "received": 13_000_000,
+            "age": 612.0,
+            "state": "half-closed-by-laptop",
+            "link": "tunnel-2",
+            "stream": 7,
+        },
+    ],
+    "flows_open": 2,
+    "errors": [
+        {
+            "time": "2027-01-15T08:00:06.600+00:00",
+            "age": 3.4,
+            "kind": "refused",
+            "protocol": "tcp",
+            "destination": "10.96.12.4:9999",
+            "name": "echo.tp-alpha",
+            "message": "connection refused",
+            "count": 3,
+        },
+        {
+            "time": "2027-01-15T08:00:04.000+00:00",
+            "age": 6.0,
+            "kind": "dns",
+            "protocol": "dns",
+            "destination": "web.nope A",
+            "name": "",
+            "message": "the cluster: web.nope.svc.cluster.local: no answer within 2 s",
+            "count": 1,
+        },
+        {
+            "time": "2027-01-15T08:00:01.000+00:00",
+            "age": 9.0,
+            "kind": "reset",
+            "protocol": "tunnel",
+            "destination": "tunnel-3",
+            "name": "",
+            "message": "the link to the traffic manager closed (port-forward closed); "
+            "its flows were reset",
+            "count": 1,
+        },
+    ],
+}
+
+
+def test_status_flows_parses() -> None:
+    args = parser().parse_args(["status", "--flows", "-o", "json"])
+    assert (args.flows, args.output) == (True, "json")
+    assert parser().parse_args(["status"]).flows is False
+
+
+@pytest.mark.parametrize(
+    ("count", "text"),
+    [
+        (0, "0 B"),
+        (1023, "1023 B"),
+        (1024, "1.0 KiB"),
+        (1260, "1.2 KiB"),
+        (3_565_158, "3.4 MiB"),
+        (1024 * 1024 - 1, "1.0 MiB"),  # not "1024.0 KiB"
+        (5 * 1024**3, "5.0 GiB"),
+        (3 * 1024**5, "3072.0 TiB"),
+    ],
+)
+def test_human_bytes(count: int, text: str) -> None:
+    assert render.human_bytes(count) == text
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [
+        (0.0, "0.0 s"),
+        (3.44, "3.4 s"),
+        (59.96, "1.0 min"),  # not "60.0 s"
+        (300, "5.0 min"),
+        (9000, "2.5 h"),
+        (86_399, "1.0 d"),
+        (200_000, "2.3 d"),
+    ],
+)
+def test_human_duration(seconds: float, text: str) -> None:
+    assert render.human_duration(seconds) == text
+
+
+def test_flows_text_when_not_connected_and_from_an_older_daemon() -> None:
+    not_running = {"user_daemon": {"running": False}, "root_daemon": {"running": False}}
+    assert render.flows_text(not_running) == "Flows: not connected"
+    idle = {"user_daemon": {"running": True, "status": "Not connected"}, "root_daemon": {}}
+    assert render.flows_text({**idle, "flows": [], "errors": []}) == "Flows: not connected"
+    assert render.flows_text(CONNECTED) == (
+        "Flows: this daemon does not report them (it predates `status --flows`)"
+    )
+
+
+def test_flows_text_empty() -> None:
+    status = {**CONNECTED, "flows": [], "flows_open": 0, "errors": []}
+    assert render.flows_text(status) == "Flows: none open\nRecent errors: none"
+
+
+def test_flows_text_full_newest_first() -> None:
+    assert render.flows_text({**CONNECTED, **FLOWS}).splitlines() == [
+        "Flows: 2 open",
+        "  PROTOCOL  DESTINATION                      SENT  RECEIVED       AGE  STATE",
+        "  udp       10.96.0.10:53                    40 B       0 B     0.2 s  dialing",
+        "  tcp       10.96.12.4:8080 (echo.tp-alpha)  78 B  12.4 MiB  10.2 min  "
+        "half-closed-by-laptop",
+        "Recent errors: 3, the newest first",
+        "       WHEN  KIND     DESTINATION                          MESSAGE",
+        "  3.4 s ago  refused  tcp 10.96.12.4:9999 (echo.tp-alpha)  connection refused (3 times)",
+        "  6.0 s ago  dns      web.nope A                           "
+        "the cluster: web.nope.svc.cluster.local: no answer within 2 s",
+        "  9.0 s ago  reset    tunnel-3                             "
+        "the link to the traffic manager closed (port-forward closed); its flows were reset",
+    ]
+
+
+def test_flows_text_says_when_only_the_newest_are_listed() -> None:
+    status = {**CONNECTED, **FLOWS, "flows_open": 300}
+    assert render.flows_text(status).splitlines()[0] == "Flows: 300 open, the 2 newest listed"
+
+
+def test_status_flows_prints_the_status_then_the_flows_or_json(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from telepresence.cli import client
+    from telepresence.cli.main import cmd_status
+
+    asked: list[dict[str, object]] = []
+
+    def request(message: dict[str, object], **_: object) -> dict[str, object]:
+        asked.append(message)
+        return {**CONNECTED, **FLOWS} if message.get("flows") else dict(CONNECTED)
+
+    monkeypatch.setattr(client, "request", request)
+    assert cmd_status(parser().parse_args(["status", "--flows", "-o", "json"])) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["flows"] == FLOWS["flows"] and data["errors"] == FLOWS["errors"]
+    assert data["flows_open"] == 2 and data["user_daemon"]["status"] == "Connected"
+    assert cmd_status(parser().parse_args(["status", "--flows"])) == 0
+    out = capsys.readouterr().out
+    assert out.index("User Daemon: Running") < out.index("Flows: 2 open")
+    assert "Recent errors: 3, the newest first" in out
+    assert cmd_status(parser().parse_args(["status"])) == 0
+    assert "Flows" not in capsys.readouterr().out
+    assert asked == [
+        {"cmd": "status", "flows": True},
+        {"cmd": "status", "flows": True},
+        {"cmd": "status"},
+    ]
+
+
+def test_status_flows_without_a_daemon(monkeypatch: pytest.MonkeyPatch) -> None:
+    from telepresence.cli import client
+
+    monkeypatch.setattr(client, "request", lambda message, **_: None)
+    assert client.status(flows=True) == {
+        "user_daemon": {"running": False},
+        "root_daemon": {"running": False},
+        "flows": [],
+        "flows_open": 0,
+        "errors": [],
+    }
+    assert "flows" not in client.status()

@@ -8,6 +8,7 @@ import logging
 import pytest
 
 from telepresence.daemon.dialfailures import DialFailureLog, describe
+from telepresence.daemon.flowbook import FlowBook
 from telepresence.tunnel.frames import Dial, DialError, IPProtocol
 
 META = Dial(IPProtocol.TCP, "169.254.169.254", 80)
@@ -63,3 +64,17 @@ def test_repeats_go_to_debug(caplog: pytest.LogCaptureFixture) -> None:
         log.failed(META, DialError.FAILED, POLICY, now=1)
     assert [r.levelno for r in caplog.records] == [logging.WARNING, logging.DEBUG]
     assert POLICY in caplog.records[0].getMessage()
+
+
+def test_every_failure_reaches_the_book_even_when_the_log_holds_it_back() -> None:
+    book = FlowBook()
+    log = DialFailureLog(repeat_after=30, book=book)
+    log.failed(META, DialError.FAILED, POLICY, now=0)
+    log.failed(META, DialError.FAILED, POLICY, now=1)  # at debug in the log
+    (error,) = book.snapshot()["errors"]
+    assert (error["kind"], error["destination"], error["message"], error["count"]) == (
+        "dial-failed",
+        "169.254.169.254:80",
+        POLICY,
+        2,
+    )

@@ -18,7 +18,7 @@ import dns.rdatatype
 import dns.rrset
 import pytest
 
-from telepresence.daemon.dns import DnsSettings, Resolver
+from telepresence.daemon.dns import ClusterLookupFailed, DnsSettings, Resolver
 from telepresence.daemon.dnsanswers import (
     MalformedQuery,
     Outcome,
@@ -35,6 +35,7 @@ from telepresence.daemon.dnsanswers import (
 )
 from telepresence.daemon.dnscache import CachedAnswer
 from telepresence.daemon.dnsrules import Action, NameRules, Reason
+from telepresence.daemon.forwarder import NoUpstreamAnswer
 
 A = dns.rdatatype.A
 AAAA = dns.rdatatype.AAAA
@@ -339,6 +340,20 @@ class FakeUpstream:
         return b"upstream:" + wire
 
 
+class Observer:
+    """What `status --flows` is told: names of cluster answers, failed questions."""
+
+    def __init__(self) -> None:
+        self.answered: list[tuple[str, list[IPv4Address]]] = []
+        self.failed: list[tuple[str, str]] = []
+
+    def dns_answered(self, name: str, addresses: Sequence[IPv4Address]) -> None:
+        self.answered.append((name, list(addresses)))
+
+    def dns_failed(self, question: str, message: str) -> None:
+        self.failed.append((question, message))
+
+
 class Clock:
     now = 0.0
 
@@ -354,6 +369,7 @@ def make_resolver(
     seen: list[list[IPv4Address]] | None = None,
     clock: Clock | None = None,
     settings: DnsSettings = FAST,
+    observer: Observer | None = None,
 ) -> Resolver:
     def subnets() -> Sequence[IPv4Network]:
         return SUBNETS
@@ -364,6 +380,7 @@ def make_resolver(
         cluster_lookup=cluster,
         forward=upstream or FakeUpstream(),
         on_cluster_answer=seen.append if seen is not None else None,
+        observer=observer,
         settings=settings,
         clock=clock or Clock(),
     )
@@ -543,3 +560,89 @@ async def test_close_cancels_lookups_in_flight() -> None:
     # The query waiting on the lookup sees the cancellation as a failed lookup.
     reply = await pending
     assert reply is not None and dns.message.from_wire(reply).rcode() == SERVFAIL
+
+
+# -- what `status --flows` is told ------------------------------------------------
+
+
+async def test_the_observer_learns_the_name_each_program_asked_for_an_address() -> None:
+    cluster = FakeCluster({(WEB, A): cluster_answer(WEB, "10.96.0.10", ttl=30)})
+    observer = Observer()
+    resolver = make_resolver(cluster, observer=observer)
+    await ask(resolver, query("web.ns."))
+    await ask(resolver, query("web.ns.svc."))  # from the cache, still a program's lookup
+    await ask(resolver, query("web.ns.", AAAA))  # no IPv4 address: nothing to learn
+    await ask(resolver, query("nope.ns.svc."))  # NXDOMAIN is an answer, not a failure
+    address = [IPv4Address("10.96.0.10")]
+    assert observer.answered == [("web.ns", address), ("web.ns.svc", address)]
+    assert observer.failed == []
+
+
+@pytest.mark.parametrize(
+    ("entry", "why"),
+    [
+        (None, "web.ns.svc.cluster.local: the traffic manager could not be asked"),
+        (
+            ClusterLookupFailed("not connected to the traffic manager"),
+            "web.ns.svc.cluster.local: not connected to the traffic manager",
+        ),
+        (RuntimeError(), "web.ns.svc.cluster.local: RuntimeError"),
+        ("servfail", "web.ns.svc.cluster.local: answered SERVFAIL"),
+    ],
+)
+async def test_a_failed_cluster_name_is_told_with_the_reason(entry: object, why: str) -> None:
+    if entry == "servfail":
+        entry = cluster_answer(WEB, rcode=SERVFAIL)
+    observer = Observer()
+    resolver = make_resolver(FakeCluster({(WEB, A): entry}), observer=observer)
+    assert (await ask(resolver, query("web.ns.svc."))).rcode() == SERVFAIL
+    assert observer.failed == [("web.ns.svc A", f"the cluster: {why}")]
+
+
+async def test_a_cluster_that_does_not_answer_in_time_is_told() -> None:
+    cluster = FakeCluster({(WEB, A): "hang"})
+    observer = Observer()
+    await ask(make_resolver(cluster, observer=observer), query("web.ns.svc."))
+    ((question, message),) = observer.failed
+    assert question == "web.ns.svc A"
+    assert message.startswith("the cluster: ") and message.endswith("no answer within 0.1 s")
+    cluster.hang.set()
+
+
+async def test_a_fallback_upstream_after_a_cluster_failure_is_told_but_not_after_nxdomain() -> None:
+    observer = Observer()
+    failing = FakeCluster({(WEB, A): ClusterLookupFailed("reconnecting")})
+    await make_resolver(failing, observer=observer).answer(query("web.ns.").to_wire(), tcp=False)
+    assert observer.failed == [
+        (
+            "web.ns A",
+            "the cluster: web.ns.svc.cluster.local: reconnecting; asked the laptop's nameservers",
+        )
+    ]
+    observer.failed.clear()
+    await make_resolver(FakeCluster(), observer=observer).answer(
+        query("web.ns.").to_wire(), tcp=False
+    )
+    assert observer.failed == []
+
+
+@pytest.mark.parametrize(
+    ("failure", "why"),
+    [
+        (NoUpstreamAnswer("no nameserver answered (192.0.2.53: TimeoutError)"),
+         "no nameserver answered (192.0.2.53: TimeoutError)"),
+        (ConnectionRefusedError(), "ConnectionRefusedError"),
+        ("hang", "no answer in time"),
+    ],
+)  # fmt: skip
+async def test_upstream_failures_are_told(failure: object, why: str) -> None:
+    upstream = FakeUpstream()
+    if failure == "hang":
+        upstream.hang = True
+    else:
+        assert isinstance(failure, BaseException)
+        upstream.error = failure
+    observer = Observer()
+    resolver = make_resolver(FakeCluster(), upstream, observer=observer)
+    assert (await ask(resolver, query("www.example.test.", MX))).rcode() == SERVFAIL
+    assert observer.failed == [("www.example.test MX", f"the laptop's nameservers: {why}")]

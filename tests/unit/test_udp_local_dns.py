@@ -25,6 +25,7 @@ CLUSTER = IPv4Address("10.96.0.10")
 
 class FakeStream:
     closed = False
+    id = 1
 
     def __init__(self) -> None:
         self.sent: list[bytes] = []
@@ -47,6 +48,9 @@ class FakePool:
         self.dials.append(dial)
         self.opened.set()
         return FakeStream()
+
+    def link_name(self, stream: FakeStream) -> str:
+        return "tunnel-1"
 
 
 @dataclass
@@ -139,6 +143,9 @@ async def test_other_ports_of_the_dns_address_are_dropped_and_never_tunnelled(
     tun.send(Datagram(ASKER, 40001, CLUSTER, 53, b"to the cluster"))
     await asyncio.wait_for(tun.pool.opened.wait(), 5)
     assert [(d.address, d.port) for d in tun.pool.dials] == [(str(CLUSTER), 53)]
+    # The same callback registered the flow and put it in the book.
+    assert list(tun.relay.flows) == [(ASKER, 40001, CLUSTER, 53)]
+    assert [f["destination"] for f in tun.relay.book.snapshot()["flows"]] == [f"{CLUSTER}:53"]
 
 
 async def test_no_answer_means_no_datagram(make_tun: Callable[..., Tun]) -> None:

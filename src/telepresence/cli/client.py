@@ -100,10 +100,14 @@ def request_with_progress(message: dict[str, Any], progress: ProgressSink) -> di
     raise DaemonError(f"the daemon stopped while connecting; see {paths.logs_dir()}/daemon.log")
 
 
-def status() -> dict[str, Any]:
-    reply = request({"cmd": "status"})
+def status(*, flows: bool = False) -> dict[str, Any]:
+    """The daemon's status; with ``flows``, also its open flows and recent errors
+    (the keys ``flows``, ``flows_open`` and ``errors``)."""
+    reply = request({"cmd": "status", "flows": True} if flows else {"cmd": "status"})
     if reply is None:
-        return {"user_daemon": {"running": False}, "root_daemon": {"running": False}}
+        reply = {"user_daemon": {"running": False}, "root_daemon": {"running": False}}
+        if flows:
+            reply.update({"flows": [], "flows_open": 0, "errors": []})
     return reply
 
 

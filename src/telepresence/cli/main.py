@@ -70,6 +70,12 @@ def parser() -> argparse.ArgumentParser:
     )
     p = sub.add_parser("status", help="show the connection")
     p.add_argument("-o", "--output", choices=["text", "json"], default="text")
+    p.add_argument(
+        "--flows",
+        action="store_true",
+        help="also the open flows (bytes each way, age, state) and the last errors "
+        "(refused dials, resets, DNS failures)",
+    )
     sub.add_parser("quit", help="disconnect and undo every change on this machine")
     p = sub.add_parser("intercept", help="start a local-only intercept (names of NS resolve)")
     p.add_argument("name")
@@ -156,11 +162,13 @@ def _helper_cleanup() -> None:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    status = client.status()
+    status = client.status(flows=args.flows)
     if args.output == "json":
         print(json.dumps(status, indent=2))
     else:
         print(render.status_text(status))
+        if args.flows:
+            print(render.flows_text(status))
     return 0
 
 

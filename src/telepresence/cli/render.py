@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import Any, TextIO
 
 SPINNER = "|/-\\"
@@ -131,4 +132,104 @@ def status_text(status: dict[str, Any]) -> str:
             ("Intercepts", f"{user.get('intercepts', 0)} total"),
         ]
     )
+    return "\n".join(lines)
+
+
+# --- `status --flows` ---------------------------------------------------------------------
+
+_BYTE_UNITS = ("KiB", "MiB", "GiB", "TiB")
+
+
+def human_bytes(count: int) -> str:
+    """``512 B``, ``1.2 KiB``, ``3.4 MiB``: binary units, one decimal."""
+    if count < 1024:
+        return f"{count} B"
+    value = float(count)
+    for unit in _BYTE_UNITS:
+        value /= 1024
+        if round(value, 1) < 1024 or unit == _BYTE_UNITS[-1]:
+            break
+    return f"{value:.1f} {unit}"
+
+
+def human_duration(seconds: float) -> str:
+    """``3.4 s``, ``5.0 min``, ``2.5 h``, ``1.2 d``: one decimal, the largest unit that
+    keeps the number below its next step."""
+    for limit, size, unit in ((60, 1, "s"), (60, 60, "min"), (24, 3600, "h")):
+        if round(seconds / size, 1) < limit:
+            return f"{seconds / size:.1f} {unit}"
+    return f"{seconds / 86400:.1f} d"
+
+
+def _table(header: tuple[str, ...], rows: Sequence[tuple[str, ...]], right: set[int]) -> list[str]:
+    """Columns padded to their widest cell; the columns in ``right`` are right-aligned
+    (numbers), and the last one is never padded."""
+    widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
+    lines = []
+    for row in (header, *rows):
+        cells = [
+            cell
+            if i == len(row) - 1
+            else (cell.rjust(widths[i]) if i in right else cell.ljust(widths[i]))
+            for i, cell in enumerate(row)
+        ]
+        lines.append("  " + "  ".join(cells))
+    return lines
+
+
+def _named(destination: str, name: str) -> str:
+    return f"{destination} ({name})" if name else destination
+
+
+def _error_destination(error: dict[str, Any]) -> str:
+    """``tcp 10.96.0.1:80``; a DNS question (``web.ns A``) and a tunnel link as they are."""
+    protocol, destination = error["protocol"], error["destination"]
+    return f"{protocol} {destination}" if protocol in ("tcp", "udp") else destination
+
+
+def flows_text(status: dict[str, Any]) -> str:
+    """The open flows, the newest first, and the recent errors, the newest first; printed
+    after `status_text` by `telepresence status --flows`."""
+    user = status.get("user_daemon", {})
+    if not user.get("running") or user.get("status", "Not connected") == "Not connected":
+        return "Flows: not connected"
+    if "flows" not in status:
+        return "Flows: this daemon does not report them (it predates `status --flows`)"
+    flows: list[dict[str, Any]] = sorted(status["flows"], key=lambda f: f["age"])
+    total = status.get("flows_open", len(flows))
+    if not total:
+        lines = ["Flows: none open"]
+    elif total > len(flows):
+        lines = [f"Flows: {total} open, the {len(flows)} newest listed"]
+    else:
+        lines = [f"Flows: {total} open"]
+    if flows:
+        rows = [
+            (
+                f["protocol"],
+                _named(f["destination"], f.get("name", "")),
+                human_bytes(f["sent"]),
+                human_bytes(f["received"]),
+                human_duration(f["age"]),
+                f["state"],
+            )
+            for f in flows
+        ]
+        header = ("PROTOCOL", "DESTINATION", "SENT", "RECEIVED", "AGE", "STATE")
+        lines += _table(header, rows, right={2, 3, 4})
+    errors: list[dict[str, Any]] = sorted(status.get("errors", []), key=lambda e: e["age"])
+    if not errors:
+        lines.append("Recent errors: none")
+        return "\n".join(lines)
+    lines.append(f"Recent errors: {len(errors)}, the newest first")
+    error_rows = [
+        (
+            f"{human_duration(e['age'])} ago",
+            e["kind"],
+            _named(_error_destination(e), e.get("name", "")),
+            e["message"] + (f" ({e['count']} times)" if e.get("count", 1) > 1 else ""),
+        )
+        for e in errors
+    ]
+    lines += _table(("WHEN", "KIND", "DESTINATION", "MESSAGE"), error_rows, right={0})
     return "\n".join(lines)

@@ -5,12 +5,15 @@ why, e.g. that the manager's dial policy refused a link-local address. A closed 
 ordinary answer and is logged at info; every other failure (unreachable, timeout, the
 policy) at warning. A program that retries in a loop would flood the log, so one
 destination's failure is logged once per `REPEAT_AFTER` seconds and at debug in between.
+Every failure, logged or not, also goes to the session's :class:`~.flowbook.FlowBook`,
+whose recent errors `telepresence status --flows` shows.
 """
 
 from __future__ import annotations
 
 import logging
 
+from telepresence.daemon.flowbook import FlowBook
 from telepresence.tunnel.frames import Dial, DialError
 
 log = logging.getLogger("telepresence.dial")
@@ -34,10 +37,15 @@ class DialFailureLog:
     """Logs failed dials, each destination's at most once per ``repeat_after`` seconds."""
 
     def __init__(
-        self, *, repeat_after: float = REPEAT_AFTER, max_remembered: int = MAX_REMEMBERED
+        self,
+        *,
+        repeat_after: float = REPEAT_AFTER,
+        max_remembered: int = MAX_REMEMBERED,
+        book: FlowBook | None = None,
     ) -> None:
         self.repeat_after = repeat_after
         self.max_remembered = max_remembered
+        self.book = book
         self._last: dict[tuple[Dial, DialError], float] = {}
 
     def due(self, dial: Dial, error: DialError, *, now: float) -> bool:
@@ -55,3 +63,5 @@ class DialFailureLog:
     def failed(self, dial: Dial, error: DialError, message: str, *, now: float) -> None:
         level, line = describe(dial, error, message)
         log.log(level if self.due(dial, error, now=now) else logging.DEBUG, "%s", line)
+        if self.book is not None:
+            self.book.dial_failed(dial, error, message)

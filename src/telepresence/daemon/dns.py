@@ -32,10 +32,12 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
+from typing import Protocol
 
 import dns.message
 import dns.name
 import dns.rcode
+import dns.rdatatype
 
 from telepresence.daemon.dnsanswers import (
     MAX_TCP_SIZE,
@@ -64,6 +66,8 @@ from telepresence.daemon.dnsrules import Action, NameRules
 __all__ = [
     "ClusterAnswerHook",
     "ClusterLookup",
+    "ClusterLookupFailed",
+    "DnsObserver",
     "DnsSettings",
     "Forward",
     "Resolver",
@@ -76,11 +80,37 @@ ClusterAnswerHook = Callable[[list[IPv4Address]], Awaitable[None] | None]
 log = logging.getLogger("telepresence.daemon.dns")
 
 #: Asks the cluster's resolver for one absolute name and query type; returns
-#: its answer, or None when the cluster cannot be asked.
+#: its answer, or None (or raises, best :class:`ClusterLookupFailed` saying why)
+#: when the cluster cannot be asked.
 ClusterLookup = Callable[[str, int], Awaitable[dns.message.Message | None]]
+
 #: Sends a query's wire bytes upstream and returns the reply's wire bytes;
 #: the second argument says whether to use TCP.
 Forward = Callable[[bytes, bool], Awaitable[bytes]]
+
+
+class ClusterLookupFailed(Exception):
+    """The cluster could not be asked; the message says why, for `status --flows`."""
+
+
+class DnsObserver(Protocol):
+    """Told what the resolver learns, for `status --flows`
+    (:class:`~telepresence.daemon.flowbook.FlowBook` is one)."""
+
+    def dns_answered(self, name: str, addresses: Sequence[IPv4Address]) -> None:
+        """A program asked ``name`` and the cluster answered these addresses."""
+
+    def dns_failed(self, question: str, message: str) -> None:
+        """The program's question ("name TYPE") failed: the cluster or the laptop's
+        nameservers could not answer it."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Failure:
+    """Why one cluster lookup gave nothing."""
+
+    reason: str
+
 
 #: Slack on top of the forwarder's own budget before a query is abandoned.
 _UPSTREAM_GRACE = 0.5
@@ -135,6 +165,7 @@ class Resolver:
         cluster_lookup: ClusterLookup,
         forward: Forward,
         on_cluster_answer: ClusterAnswerHook | None = None,
+        observer: DnsObserver | None = None,
         settings: DnsSettings = DnsSettings(),
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -143,11 +174,12 @@ class Resolver:
         self._cluster_lookup = cluster_lookup
         self._forward = forward
         self._on_cluster_answer = on_cluster_answer
+        self._observer = observer
         self._settings = settings
         self._cache = AnswerCache(
             max_ttl=settings.cache_max_ttl, max_entries=settings.cache_max_entries, clock=clock
         )
-        self._lookups: dict[tuple[str, int], asyncio.Task[CachedAnswer | None]] = {}
+        self._lookups: dict[tuple[str, int], asyncio.Task[CachedAnswer | _Failure]] = {}
 
     async def answer(self, wire: bytes, *, tcp: bool) -> bytes | None:
         """The reply to ``wire``; never raises except on cancellation."""
@@ -177,11 +209,20 @@ class Resolver:
             log.debug("%s: upstream (%s)", describe(query), route.reason.value)
             return await self._upstream(query, wire, tcp=tcp)
 
-        outcome, name, answer = await self._ask_cluster(
+        outcome, name, answer, failure = await self._ask_cluster(
             route.names, cluster_qtype(query.question[0].rdtype)
         )
         log.debug("%s: %s (%s) via %s", describe(query), outcome.value, route.reason.value, name)
         if answer is not None and (outcome is Outcome.FOUND or route.action is Action.CLUSTER):
+            # The addresses the program gets (an AAAA question asks the cluster for A too).
+            if (
+                outcome is Outcome.FOUND
+                and self._observer is not None
+                and query.question[0].rdtype == dns.rdatatype.A
+            ):
+                addresses = cluster_addresses(answer.message)
+                if addresses:
+                    self._observer.dns_answered(_question_name(query), addresses)
             response = cluster_response(
                 query,
                 cluster_name=dns.name.from_text(name),
@@ -190,38 +231,54 @@ class Resolver:
             )
             return self._encode(response, query, tcp=tcp)
         if route.action is Action.CLUSTER_THEN_UPSTREAM:
+            if failure:
+                self._failed(query, f"the cluster: {failure}; asked the laptop's nameservers")
             return await self._upstream(query, wire, tcp=tcp)
+        self._failed(query, f"the cluster: {failure}")
         return self._encode(self._error(query, dns.rcode.SERVFAIL), query, tcp=tcp)
 
     async def _ask_cluster(
         self, names: Sequence[str], qtype: int
-    ) -> tuple[Outcome, str, CachedAnswer | None]:
+    ) -> tuple[Outcome, str, CachedAnswer | None, str]:
         """Try ``names`` in order within the cluster budget.
 
         FOUND with the first name the cluster has; else MISSING with the
         last NXDOMAIN if the cluster answered for every name; else FAILED.
+        The last item is why a name failed ("" when none did).
         """
         missing: tuple[str, CachedAnswer] | None = None
-        failed = False
+        failure = ""
         try:
             async with asyncio.timeout(self._settings.cluster_timeout):
                 for name in names:
                     answer = await self._lookup(name, qtype)
-                    outcome = classify(answer.message if answer else None)
-                    if outcome is Outcome.FOUND and answer is not None:
-                        return outcome, name, answer
-                    if outcome is Outcome.MISSING and answer is not None:
+                    if isinstance(answer, _Failure):
+                        failure = f"{name.rstrip('.')}: {answer.reason}"
+                        continue
+                    outcome = classify(answer.message)
+                    if outcome is Outcome.FOUND:
+                        return outcome, name, answer, ""
+                    if outcome is Outcome.MISSING:
                         missing = (name, answer)
                     else:
-                        failed = True
+                        failure = f"{name.rstrip('.')}: {_rcode_text(answer.message)}"
         except TimeoutError:
             log.debug("cluster lookup of %s timed out", names)
-            failed = True
-        if missing is not None and not failed:
-            return Outcome.MISSING, *missing
-        return Outcome.FAILED, names[-1], None
+            failure = f"no answer within {self._settings.cluster_timeout:g} s"
+        if missing is not None and not failure:
+            return Outcome.MISSING, *missing, ""
+        return Outcome.FAILED, names[-1], None, failure or "no answer"
 
-    async def _lookup(self, name: str, qtype: int) -> CachedAnswer | None:
+    def _failed(self, query: dns.message.Message, message: str) -> None:
+        if self._observer is None:
+            return
+        if len(query.question) != 1:
+            self._observer.dns_failed(describe(query), message)
+            return
+        question = f"{_question_name(query)} {type_text(query.question[0].rdtype)}"
+        self._observer.dns_failed(question, message)
+
+    async def _lookup(self, name: str, qtype: int) -> CachedAnswer | _Failure:
         cached = self._cache.get(name, qtype)
         if cached is not None:
             return cached
@@ -242,25 +299,31 @@ class Resolver:
         except asyncio.CancelledError:
             current = asyncio.current_task()
             if task.cancelled() and current is not None and not current.cancelling():
-                return None  # the lookup was cancelled (close()), not this query
+                return _Failure("the DNS server is closing")  # close(), not this query
             raise
 
-    def _lookup_done(self, key: tuple[str, int], task: asyncio.Task[CachedAnswer | None]) -> None:
+    def _lookup_done(
+        self, key: tuple[str, int], task: asyncio.Task[CachedAnswer | _Failure]
+    ) -> None:
         if self._lookups.get(key) is task:
             del self._lookups[key]
         if not task.cancelled() and (exc := task.exception()) is not None:
             log.error("DNS lookup task failed", exc_info=exc)
 
-    async def _fetch(self, name: str, qtype: int) -> CachedAnswer | None:
+    async def _fetch(self, name: str, qtype: int) -> CachedAnswer | _Failure:
         try:
             async with asyncio.timeout(self._settings.cluster_timeout):
                 message = await self._cluster_lookup(name, qtype)
+        except TimeoutError:
+            return _Failure(f"no answer within {self._settings.cluster_timeout:g} s")
         except Exception as exc:  # the tunnel's failures are not ours to crash on
             log.debug("cluster lookup of %s failed: %r", name, exc)
-            return None
+            return _Failure(str(exc) or type(exc).__name__)
+        if message is None:
+            return _Failure("the traffic manager could not be asked")
         outcome = classify(message)
-        if message is None or outcome is Outcome.FAILED:
-            return None
+        if outcome is Outcome.FAILED:
+            return _Failure(_rcode_text(message))
         if outcome is Outcome.FOUND and self._on_cluster_answer is not None:
             addresses = cluster_addresses(message)
             if addresses:
@@ -281,6 +344,12 @@ class Resolver:
                 return await self._forward(wire, tcp)
         except (OSError, TimeoutError, EOFError) as exc:
             log.debug("%s: upstream failed: %r", describe(query), exc)
+            why = (
+                "no answer in time"
+                if isinstance(exc, TimeoutError)
+                else (str(exc) or type(exc).__name__)
+            )
+            self._failed(query, f"the laptop's nameservers: {why}")
             return self._encode(self._error(query, dns.rcode.SERVFAIL), query, tcp=tcp)
 
     def _error(self, query: dns.message.Message, rcode: dns.rcode.Rcode) -> dns.message.Message:
@@ -295,3 +364,12 @@ class Resolver:
             else udp_size_limit(query, max_udp_payload=self._settings.max_udp_payload)
         )
         return encode_response(response, max_size=limit)
+
+
+def _question_name(query: dns.message.Message) -> str:
+    """The name the program asked, as it would type it (no final dot)."""
+    return str(query.question[0].name.to_text(omit_final_dot=True))
+
+
+def _rcode_text(message: dns.message.Message) -> str:
+    return f"answered {dns.rcode.to_text(message.rcode())}"

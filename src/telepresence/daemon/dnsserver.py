@@ -21,6 +21,7 @@ from typing import Any
 from telepresence.daemon.dns import (
     ClusterAnswerHook,
     ClusterLookup,
+    DnsObserver,
     DnsSettings,
     Resolver,
 )
@@ -52,7 +53,8 @@ class DnsServer:
     redirect leaves it alone).  ``on_cluster_answer`` gets the IPv4 addresses of each
     fresh cluster answer (cached answers are not reported again), before the
     client sees them, so routes to addresses outside the routed subnets can be
-    added in time.
+    added in time.  ``observer`` is told the names of cluster answers and the
+    queries that failed (for `status --flows`).
     """
 
     def __init__(
@@ -64,6 +66,7 @@ class DnsServer:
         upstreams: Sequence[Server],
         upstream_socket: UpstreamSocket,
         on_cluster_answer: ClusterAnswerHook | None = None,
+        observer: DnsObserver | None = None,
         host: str = "127.0.0.1",
         port: int = 0,
         settings: DnsSettings = _DEFAULT_SETTINGS,
@@ -84,6 +87,7 @@ class DnsServer:
             cluster_lookup=cluster_lookup,
             forward=self.upstreams.forward,
             on_cluster_answer=on_cluster_answer,
+            observer=observer,
             settings=settings,
         )
         self._udp: asyncio.DatagramTransport | None = None

@@ -82,7 +82,7 @@ class Daemon:
             req = json.loads(line)
             cmd = req.get("cmd")
             if cmd == "status":
-                send({"result": self.status()})
+                send({"result": self.status(flows=bool(req.get("flows")))})
             elif cmd == "helper-listen":
                 send(self._helper_listen())
             elif cmd == "connect":
@@ -159,9 +159,11 @@ class Daemon:
         log.error("session lost: %s", reason)
         self.stopping.set()
 
-    def status(self) -> dict[str, Any]:
+    def status(self, *, flows: bool = False) -> dict[str, Any]:
+        """The session's status; with ``flows``, also its open flows and recent errors
+        (`telepresence status --flows`), empty lists when there is no session."""
         if self.session is None:
-            return {
+            status: dict[str, Any] = {
                 "user_daemon": {
                     "running": True,
                     "version": versions.package_version(),
@@ -169,7 +171,13 @@ class Daemon:
                 },
                 "root_daemon": {"running": False},
             }
-        return self.session.status()
+            if flows:  # the shape of FlowBook.snapshot, with nothing in it
+                status.update({"flows": [], "flows_open": 0, "errors": []})
+            return status
+        status = self.session.status()
+        if flows:
+            status.update(self.session.flows())
+        return status
 
 
 def main() -> None:

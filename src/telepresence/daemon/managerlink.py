@@ -39,8 +39,9 @@ class PortForwardTunnel:
         self.session_id = ""
         #: The manager said it is stopping (or its pod is): no new flows here if avoidable.
         self.draining = False
+        #: Set by :meth:`start`; names the link's task and, in `status --flows`, the link.
+        self.name = ""
         self._out: Buffers = []
-        self._out_size = 0
         self._wake = asyncio.Event()
         self._on_closed = on_closed
         self.tunnel = Tunnel(
@@ -58,6 +59,7 @@ class PortForwardTunnel:
         self._wake.set()
 
     def start(self, name: str) -> None:
+        self.name = name
         self.task = asyncio.create_task(self._run(), name=name)
 
     async def _run(self) -> None:

@@ -100,6 +100,7 @@ class ManagerPool:
         heartbeat: float = HEARTBEAT,
         version: str | None = None,
         protocol: versions.ProtocolRange | None = None,
+        on_link_lost: Callable[[str, str], None] | None = None,
     ) -> None:
         self._open_forward = open_forward
         self.version = version or versions.package_version()
@@ -109,7 +110,11 @@ class ManagerPool:
         self.client_name = client_name
         self.install_id = install_id
         self._on_cluster_info = on_cluster_info
+        #: Told (link name, reason) when a link closes while the pool is not closing.
+        self._on_link_lost = on_link_lost
         self.tunnels: list[PortForwardTunnel] = []
+        # Links are numbered for the whole session, so a name is never reused.
+        self._link_ids = itertools.count(1)
         self.session_id = ""
         self.manager_version = ""
         # The protocol version agreed with the manager at the last Arrive.
@@ -187,7 +192,7 @@ class ManagerPool:
             protocol=self.protocol,
         )
         self.tunnels.append(t)
-        t.start(name=f"tunnel-{len(self.tunnels)}")
+        t.start(name=f"tunnel-{next(self._link_ids)}")
         return t
 
     def healthy(self) -> list[PortForwardTunnel]:
@@ -234,9 +239,11 @@ class ManagerPool:
         if t in self.tunnels:
             self.tunnels.remove(t)
             if not self._closing:
-                log.info("tunnel to %s closed: %s", t.pod or "the manager", reason)
+                log.info("tunnel %s to %s closed: %s", t.name, t.pod or "the manager", reason)
                 if not t.draining:
                     self.last_problem = reason
+                if self._on_link_lost is not None:
+                    self._on_link_lost(t.name, reason)
         if UNKNOWN_SESSION in reason and not t.draining:
             # A new manager that never saw our session: every tunnel must arrive again.
             self._session_lost = True
@@ -381,6 +388,13 @@ class ManagerPool:
             raise PoolUnavailable("not connected to the traffic manager")
         best = min(live, key=lambda t: len(t.tunnel.streams))
         return best.tunnel.open_stream(dial, handler)
+
+    def link_name(self, stream: TunnelStream) -> str:
+        """The name of the link a stream rides on ("" once the link is gone)."""
+        for t in self.tunnels:
+            if t.tunnel is stream.tunnel:
+                return t.name
+        return ""
 
     def status(self) -> PoolStatus:
         return PoolStatus(

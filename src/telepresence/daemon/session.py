@@ -26,11 +26,14 @@ from typing import Any, Literal
 
 import aiohttp
 import dns.message
+import dns.rcode
 
 from telepresence import paths, versions
 from telepresence.daemon import nsswitch
 from telepresence.daemon.dialfailures import DialFailureLog
+from telepresence.daemon.dns import ClusterLookupFailed
 from telepresence.daemon.dnsrules import NameRules
+from telepresence.daemon.flowbook import FlowBook
 from telepresence.daemon.managerwatch import watch_manager_pods
 from telepresence.daemon.pool import IncompatibleManager, ManagerPool, PoolUnavailable
 from telepresence.daemon.proxy import TransparentProxy
@@ -83,12 +86,15 @@ class Session:
         self.http: aiohttp.ClientSession | None = None
         self.pool: ManagerPool | None = None
         self.proxy: TransparentProxy | None = None
+        #: The open flows and the recent errors, for `status --flows`.
+        self.book = FlowBook()
         self.dns = SessionDns(
             rules=self.name_rules,
             cluster_subnets=lambda: self.routed,
             cluster_lookup=self._cluster_lookup,
             upstream_socket=self._upstream_socket,
             on_cluster_answer=self._route_answer,
+            observer=self.book,
         )
         self.helper: HelperClient | None = None
         self.tun_fd: int | None = None
@@ -104,7 +110,7 @@ class Session:
         self.protocol = versions.protocol_range()
         self.udp: UdpRelay | None = None
         # One for TCP and UDP: why the cluster could not dial, without flooding the log.
-        self.dial_log = DialFailureLog()
+        self.dial_log = DialFailureLog(book=self.book)
         self.host_routes: set[IPv4Address] = set()
         # Local-only intercepts: name -> namespace put on the search path.
         self.intercepts: dict[str, str] = {}
@@ -170,6 +176,7 @@ class Session:
             on_cluster_info=self._on_cluster_info,
             version=self.version,
             protocol=self.protocol,
+            on_link_lost=self.book.link_lost,
         )
         try:
             self.cluster_info = await self.pool.start(timeout=60)
@@ -187,7 +194,7 @@ class Session:
             ) from e
 
         await self._load_namespaces()
-        self.proxy = TransparentProxy(self.pool, dial_log=self.dial_log)
+        self.proxy = TransparentProxy(self.pool, dial_log=self.dial_log, book=self.book)
         proxy_port = await self.proxy.start()
         dns_port = await self.dns.start()
 
@@ -249,7 +256,9 @@ class Session:
             local_dns = self.dns.adopt(result, self.helper)
         except HelperError as e:
             raise ConnectError(str(e)) from e
-        self.udp = UdpRelay(self.pool, self.tun_fd, dial_log=self.dial_log, local_dns=local_dns)
+        self.udp = UdpRelay(
+            self.pool, self.tun_fd, dial_log=self.dial_log, local_dns=local_dns, book=self.book
+        )
         self.udp.start()
         try:
             # After the relay reads the TUN: resolved asks as soon as it knows the domains.
@@ -422,15 +431,21 @@ class Session:
             except (HelperError, ConnectError) as e:
                 log.warning("updating routed subnets failed: %s", e)
 
-    async def _cluster_lookup(self, name: str, qtype: int) -> dns.message.Message | None:
+    async def _cluster_lookup(self, name: str, qtype: int) -> dns.message.Message:
+        """The cluster's answer; ClusterLookupFailed says why there is none."""
         if self.pool is None:
-            return None
+            raise ClusterLookupFailed("not connected to the traffic manager")
         try:
             answer = await self.pool.dns_lookup(name, qtype)
-        except (PoolUnavailable, TimeoutError):
-            return None
+        except PoolUnavailable as e:
+            raise ClusterLookupFailed(str(e)) from e
+        except TimeoutError as e:
+            raise ClusterLookupFailed("the traffic manager did not answer in time") from e
         if not answer.message:
-            return None
+            raise ClusterLookupFailed(
+                "the traffic manager's lookup in the cluster failed "
+                f"({dns.rcode.to_text(dns.rcode.Rcode.make(answer.rcode))})"
+            )
         return dns.message.from_wire(answer.message)
 
     async def _upstream_socket(self, kind: str) -> socket.socket:
@@ -498,6 +513,10 @@ class Session:
                 "pod_subnets": list(info.pod_subnets) if info else [],
             },
         }
+
+    def flows(self) -> dict[str, Any]:
+        """`status --flows`: the open flows and the recent errors (`FlowBook.snapshot`)."""
+        return self.book.snapshot()
 
     async def close(self) -> None:
         """Undo everything, each step on its own so one failure does not stop the rest."""

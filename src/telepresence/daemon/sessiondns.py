@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from telepresence.daemon import resolvwatch
-from telepresence.daemon.dns import ClusterAnswerHook, ClusterLookup, DnsSettings
+from telepresence.daemon.dns import ClusterAnswerHook, ClusterLookup, DnsObserver, DnsSettings
 from telepresence.daemon.dnsrules import NameRules
 from telepresence.daemon.dnsserver import DnsServer
 from telepresence.daemon.linkdomains import (
@@ -96,6 +96,7 @@ class SessionDns:
         cluster_lookup: ClusterLookup,
         upstream_socket: Callable[[str], Awaitable[socket.socket]],
         on_cluster_answer: ClusterAnswerHook | None = None,
+        observer: DnsObserver | None = None,
         settings: DnsSettings = _DEFAULT_SETTINGS,
     ) -> None:
         self._rules = rules
@@ -108,6 +109,7 @@ class SessionDns:
             upstreams=(),
             upstream_socket=upstream_socket,
             on_cluster_answer=on_cluster_answer,
+            observer=observer,
             settings=settings,
         )
         self.helper: DnsHelper | None = None

@@ -27,6 +27,7 @@ from ipaddress import IPv4Address
 
 from telepresence.daemon import packets
 from telepresence.daemon.dialfailures import DialFailureLog
+from telepresence.daemon.flowbook import FlowBook, FlowRecord
 from telepresence.daemon.pool import ManagerPool, PoolUnavailable
 from telepresence.tunnel.endpoint import TunnelStream
 from telepresence.tunnel.frames import Dial, DialError, IPProtocol
@@ -75,24 +76,25 @@ def dispatch(d: packets.Datagram, local_dns: LocalDns | None) -> Dispatch:
 
 
 class UdpFlow:
-    """The tunnel side of one flow (a StreamHandler)."""
+    """The tunnel side of one flow (a StreamHandler), with its record in the flow book."""
 
-    def __init__(self, relay: UdpRelay, key: FlowKey) -> None:
+    def __init__(self, relay: UdpRelay, key: FlowKey, record: FlowRecord) -> None:
         self.relay = relay
         self.key = key
+        self.record = record
         self.stream: TunnelStream | None = None
         self.last_used = time.monotonic()
-        self.pending: list[bytes] = []
-        self.open = False
 
     def send(self, payload: bytes) -> None:
         self.last_used = time.monotonic()
         if self.stream is None or self.stream.closed:
             return
+        self.record.sent += len(payload)
         self.stream.send_datagram(payload)
 
     def stream_data(self, data: bytes) -> None:
         self.last_used = time.monotonic()
+        self.record.received += len(data)
         src, sport, dst, dport = self.key
         self.relay.write(packets.Datagram(dst, dport, src, sport, data))
         if self.stream is not None:
@@ -102,12 +104,17 @@ class UdpFlow:
         self.relay.drop(self.key)
 
     def stream_reset(self) -> None:
+        stream = self.stream
+        # A lost link resets all its flows at once: the pool records that once.
+        if stream is not None and not stream.tunnel.closed:
+            self.relay.book.reset(self.record, "reset by the traffic manager")
         self.relay.drop(self.key)
 
     def stream_writable(self) -> None:
         pass
 
     def dial_result(self, error: DialError | None, message: str) -> None:
+        self.record.dialing = False
         if error is not None:
             _, _, dst, dport = self.key
             dial = Dial(IPProtocol.UDP, str(dst), dport)
@@ -124,9 +131,11 @@ class UdpRelay:
         idle_timeout: float = IDLE_TIMEOUT,
         dial_log: DialFailureLog | None = None,
         local_dns: LocalDns | None = None,
+        book: FlowBook | None = None,
     ):
         self.pool = pool
-        self.dial_log = dial_log if dial_log is not None else DialFailureLog()
+        self.book = book if book is not None else FlowBook()
+        self.dial_log = dial_log if dial_log is not None else DialFailureLog(book=self.book)
         self.fd = tun_fd
         self.idle_timeout = idle_timeout
         self.local_dns = local_dns
@@ -196,11 +205,19 @@ class UdpRelay:
             if len(self.flows) >= MAX_FLOWS:
                 oldest = min(self.flows.values(), key=lambda f: f.last_used)
                 self.drop(oldest.key)
-            flow = UdpFlow(self, key)
+            dial = Dial(IPProtocol.UDP, str(d.dst), d.dport)
+            record = self.book.open(
+                IPProtocol.UDP, source=f"{d.src}:{d.sport}", address=dial.address, port=d.dport
+            )
+            flow = UdpFlow(self, key, record)
             try:
-                flow.stream = self.pool.open_stream(Dial(IPProtocol.UDP, str(d.dst), d.dport), flow)
-            except PoolUnavailable:
+                flow.stream = stream = self.pool.open_stream(dial, flow)
+            except PoolUnavailable as e:
+                self.book.close(record)
+                self.book.dial_failed(dial, DialError.FAILED, str(e))
                 return
+            record.link = self.pool.link_name(stream)
+            record.stream = stream.id
             self.flows[key] = flow
         flow.send(d.payload)
 
@@ -211,7 +228,10 @@ class UdpRelay:
 
     def drop(self, key: FlowKey) -> None:
         flow = self.flows.pop(key, None)
-        if flow is not None and flow.stream is not None and not flow.stream.closed:
+        if flow is None:
+            return
+        self.book.close(flow.record)
+        if flow.stream is not None and not flow.stream.closed:
             flow.stream.reset()
 
     async def _expire(self) -> None:
