@@ -29,7 +29,7 @@ import dns.message
 import dns.rcode
 
 from telepresence import paths, versions
-from telepresence.daemon import nsswitch
+from telepresence.daemon import namespaces, nsswitch, sessionstatus
 from telepresence.daemon.dialfailures import DialFailureLog
 from telepresence.daemon.dns import ClusterLookupFailed
 from telepresence.daemon.dnsrules import NameRules
@@ -48,11 +48,9 @@ from telepresence.daemon.udp import UdpRelay
 from telepresence.k8s import kubeconfig
 from telepresence.k8s.api import (
     ApiUnreachable,
-    Changed,
     Forbidden,
     KubeApi,
     KubeError,
-    Listed,
 )
 from telepresence.k8s.install import ensure_manager, find_manager_pod
 from telepresence.k8s.manifests import DEFAULT_NAMESPACE, TUNNEL_PORT
@@ -193,7 +191,8 @@ class Session:
                 f"`kubectl -n {self.manager_namespace} logs deploy/traffic-manager`"
             ) from e
 
-        await self._load_namespaces()
+        assert self.api is not None
+        self.namespaces = await namespaces.load(self.api)
         self.proxy = TransparentProxy(self.pool, dial_log=self.dial_log, book=self.book)
         proxy_port = await self.proxy.start()
         dns_port = await self.dns.start()
@@ -229,8 +228,9 @@ class Session:
         self.routed = result.routed
         await self._start_tun_side(result)
         self.tasks.append(asyncio.create_task(self._watch_helper(), name="watch-helper"))
-        self.tasks.append(asyncio.create_task(self._watch_namespaces(), name="namespaces"))
         assert self.api is not None
+        watch = namespaces.follow(self.api, lambda: self.namespaces, self._namespaces_changed)
+        self.tasks.append(asyncio.create_task(watch, name="namespaces"))
         self.tasks.append(
             asyncio.create_task(
                 watch_manager_pods(self.api, self.manager_namespace, self.pool),
@@ -302,32 +302,9 @@ class Session:
         )
         return pod, forward
 
-    async def _load_namespaces(self) -> None:
-        assert self.api is not None
-        try:
-            listing = await self.api.list("/api/v1/namespaces")
-            self.namespaces = frozenset(n["metadata"]["name"] for n in listing["items"])
-        except KubeError as e:
-            log.info("cannot list namespaces (%s); only the cluster domain resolves", e)
-
-    async def _watch_namespaces(self) -> None:
-        """Keeps `svc.ns` names working for namespaces created while connected."""
-        assert self.api is not None
-        while True:
-            try:
-                async for event in self.api.watch("/api/v1/namespaces"):
-                    if isinstance(event, Listed):
-                        self.namespaces = frozenset(n["metadata"]["name"] for n in event.items)
-                    elif isinstance(event, Changed):
-                        name = event.object["metadata"]["name"]
-                        if event.type == "DELETED":
-                            self.namespaces = self.namespaces - {name}
-                        else:
-                            self.namespaces = self.namespaces | {name}
-                    self.dns.domains_changed()
-            except KubeError as e:
-                log.info("namespace watch: %s", e)
-            await asyncio.sleep(2)
+    def _namespaces_changed(self, names: frozenset[str]) -> None:
+        self.namespaces = names
+        self.dns.domains_changed()
 
     def search_namespaces(self) -> tuple[str, ...]:
         """`connect --namespace` first, then local-only intercepts in the order made."""
@@ -462,57 +439,7 @@ class Session:
     # --- status and teardown ---------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
-        access = self.access
-        pool = self.pool.status() if self.pool else None
-        info = self.cluster_info
-        domain = info.cluster_domain if info else "cluster.local"
-        state = (
-            "Connected"
-            if self.connected and pool and pool.connected
-            else ("Reconnecting" if self.connected else "Connecting")
-        )
-        return {
-            "root_daemon": {
-                "running": self.helper is not None,
-                "version": self.version,
-                "dns": self.dns.status(cluster_domain=domain),
-                "subnets": [str(s) for s in self.routed],
-                "host_routes": sorted(str(h) for h in self.host_routes),
-                "also_proxy": list(self.request.also_proxy),
-                "never_proxy": list(self.request.never_proxy),
-            },
-            "user_daemon": {
-                "running": True,
-                "version": self.version,
-                "status": state,
-                "reconnect_reason": pool.reason if pool and state == "Reconnecting" else "",
-                "kubernetes_server": access.server if access else "",
-                "kubernetes_context": access.context if access else "",
-                "manager_namespace": self.manager_namespace,
-                "manager_pod": (self.pool.manager_pod if self.pool else "") or self.manager_pod,
-                "manager_version": pool.manager_version if pool else "",
-                # How the manager compares with this client, for `status` to print as is.
-                "manager": versions.describe_manager(
-                    manager_version=pool.manager_version if pool else "",
-                    client_version=self.version,
-                ),
-                "tunnel_protocol": pool.protocol if pool else 0,
-                "tunnel_connections": pool.connections if pool else 0,
-                "udp_flows": len(self.udp.flows) if self.udp else 0,
-                "reconnects": pool.reconnects if pool else 0,
-                "proxy": "ON" if self.connected else "OFF",
-                "mapped_namespaces": self.mapped_namespaces(),
-                "all_namespaces_mapped": self.request.mapped_namespaces is None,
-                "search_namespaces": list(self.search_namespaces()),
-                "intercepts": len(self.intercepts),
-                "intercept_list": [
-                    {"name": n, "namespace": ns, "kind": "local-only"}
-                    for n, ns in self.intercepts.items()
-                ],
-                "service_subnets": list(info.service_subnets) if info else [],
-                "pod_subnets": list(info.pod_subnets) if info else [],
-            },
-        }
+        return sessionstatus.describe(self)
 
     def flows(self) -> dict[str, Any]:
         """`status --flows`: the open flows and the recent errors (`FlowBook.snapshot`)."""
