@@ -116,3 +116,19 @@ async def ask(server: DnsServer, *, tcp: bool = False) -> tuple[str, float]:
     if answer.rcode() != dns.rcode.NOERROR:
         return dns.rcode.to_text(answer.rcode()), elapsed
     return answer.answer[0][0].address, elapsed
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port free for both UDP and TCP on ``host`` right now (DNS servers bind both; a
+    free UDP port's TCP twin may belong to another process)."""
+    for _ in range(50):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            udp.bind((host, 0))
+            port = int(udp.getsockname()[1])
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
+                try:
+                    tcp.bind((host, port))
+                except OSError:
+                    continue
+                return port
+    raise RuntimeError("no port free for both UDP and TCP")

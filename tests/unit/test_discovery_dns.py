@@ -18,6 +18,7 @@ import dns.rrset
 import pytest
 
 from telepresence.manager.dnsresolver import ClusterResolver, DnsUnavailable, lookup
+from tests.unit.fakedns import free_port
 
 Handler = Callable[[dns.message.Message, str], dns.message.Message | None]
 
@@ -59,15 +60,6 @@ async def dns_server(address: str, port: int, handler: Handler) -> AsyncIterator
         transport.close()
         server.close()
         await server.wait_closed()
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-        udp.bind(("127.0.0.1", 0))
-        port: int = udp.getsockname()[1]
-    return port
 
 
 def answer(query: dns.message.Message, *addresses: str, ttl: int = 30) -> dns.message.Message:

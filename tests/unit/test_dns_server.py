@@ -34,6 +34,7 @@ import pytest
 from telepresence.daemon.dns import DnsSettings
 from telepresence.daemon.dnsrules import NameRules
 from telepresence.daemon.dnsserver import DnsServer
+from tests.unit.fakedns import free_port
 
 A = dns.rdatatype.A
 AAAA = dns.rdatatype.AAAA
@@ -57,21 +58,6 @@ UPSTREAM_RECORDS = {
     "wpad": "192.0.2.60",
     "mail.ns": "192.0.2.70",
 }
-
-
-def free_port() -> int:
-    """A port free for both UDP and TCP on 127.0.0.1 right now."""
-    for _ in range(50):
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-            udp.bind((HOST, 0))
-            port = int(udp.getsockname()[1])
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
-                try:
-                    tcp.bind((HOST, port))
-                except OSError:
-                    continue
-                return port
-    raise RuntimeError("no free port")
 
 
 @pytest.fixture(scope="module")
