@@ -384,6 +384,12 @@ class FrameDecoder:
         except msgspec.DecodeError as e:  # ValidationError is one too
             _close_all(fds)
             raise MalformedMessage(f"malformed message: {e}") from None
+        except (UnicodeDecodeError, RecursionError) as e:
+            # What msgspec raises for invalid UTF-8 in a string and deep nesting in a
+            # field it skips (msgspec issue #714): malformed all the same.
+            _close_all(fds)
+            what = "invalid UTF-8" if isinstance(e, UnicodeDecodeError) else "nested too deeply"
+            raise MalformedMessage(f"malformed message: {what}") from None
         return message, fds
 
     def close(self) -> None:
