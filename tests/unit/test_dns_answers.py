@@ -142,6 +142,20 @@ def test_small_helpers() -> None:
     assert cluster_addresses(srv) == [IPv4Address("10.96.0.10"), IPv4Address("10.244.1.7")]
 
 
+# Found by the DNS fuzzer (fuzz/targets/dns.py): an A record of another class has no
+# address (CHAOS A holds a domain and a number, an unknown class opaque bytes); reading
+# one failed the lookup, and the client got SERVFAIL for a name the cluster has.
+ODD_CLASS_A = dns.rrset.from_text("odd.", 5, "CLASS25090", "A", r"\# 4 0a600007")
+CHAOS_A = dns.rrset.from_text("chaos.", 5, "CH", "A", "chaos. 1")
+
+
+def test_cluster_addresses_are_those_of_class_in_only() -> None:
+    answer = cluster_answer(WEB, "10.96.0.10")
+    answer.answer.append(ODD_CLASS_A)
+    answer.additional.append(CHAOS_A)
+    assert cluster_addresses(answer) == [IPv4Address("10.96.0.10")]
+
+
 # -- rewriting ---------------------------------------------------------------
 
 
@@ -477,6 +491,15 @@ async def test_a_failing_route_callback_does_not_lose_the_answer() -> None:
         on_cluster_answer=explode,
     )
     assert (await ask(resolver, query("web.ns."))).answer[0][0].address == "10.96.0.10"
+
+
+async def test_records_of_other_classes_do_not_fail_the_answer() -> None:
+    answer = cluster_answer(WEB, "10.96.0.10")
+    answer.answer.append(ODD_CLASS_A)
+    seen: list[list[IPv4Address]] = []
+    reply = await ask(make_resolver(FakeCluster({(WEB, A): answer}), seen=seen), query("web.ns."))
+    assert reply.rcode() == NOERROR
+    assert seen == [[IPv4Address("10.96.0.10")]]
 
 
 async def test_never_cluster_names_skip_the_cluster() -> None:

@@ -169,11 +169,13 @@ def classify(answer: dns.message.Message | None) -> Outcome:
 
 
 def cluster_addresses(answer: dns.message.Message) -> list[IPv4Address]:
-    """The IPv4 addresses in an answer (answer and additional sections)."""
+    """The IPv4 addresses in an answer (answer and additional sections).  Class IN
+    only: an A record of another class is not an address (CHAOS A holds a number, an
+    unknown class opaque bytes)."""
     return [
         IPv4Address(rdata.address)
         for rrset in (*answer.answer, *answer.additional)
-        if rrset.rdtype == dns.rdatatype.A
+        if rrset.rdtype == dns.rdatatype.A and rrset.rdclass == dns.rdataclass.IN
         for rdata in rrset
     ]
 
