@@ -539,6 +539,28 @@ async def test_upstream_failure_is_servfail(failure: str) -> None:
     assert answer.rcode() == SERVFAIL and answer.id == 4242
 
 
+async def test_questions_too_big_for_udp_get_a_bare_header_with_tc() -> None:
+    # Found by review while writing the DNS fuzzer: a query may ask several questions, up
+    # to the size of a datagram; the SERVFAIL for one could not be made small enough for
+    # UDP, and answer() raised instead of answering.
+    q = query("www.example.test.")
+    for i in range(8):
+        q.question.append(query(f"{'q' * 60}.{'x' * 60}.n{i}.example.test.").question[0])
+    wire = q.to_wire()
+    assert len(wire) > 512
+    upstream = FakeUpstream()
+    upstream.error = ConnectionRefusedError()
+    resolver = make_resolver(FakeCluster(), upstream)
+    udp = await resolver.answer(wire, tcp=False)
+    assert udp is not None and len(udp) <= 512
+    parsed = dns.message.from_wire(udp)
+    assert parsed.id == 4242 and parsed.rcode() == SERVFAIL
+    assert parsed.flags & dns.flags.TC and parsed.question == []
+    over_tcp = await ask(resolver, q, tcp=True)  # where the client asks again
+    assert over_tcp.rcode() == SERVFAIL and len(over_tcp.question) == 9
+    assert not over_tcp.flags & dns.flags.TC
+
+
 async def test_unexpected_errors_become_servfail() -> None:
     def broken_rules() -> NameRules:
         raise KeyError("bug")
