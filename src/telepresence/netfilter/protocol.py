@@ -360,6 +360,12 @@ class FrameDecoder:
         """Whether part of a frame (or a stray descriptor) is waiting."""
         return bool(self._buffer) or bool(self._fds)
 
+    @property
+    def buffered(self) -> int:
+        """Bytes received and not yet handed out: once :meth:`next` returned None, at most
+        one partial frame, as a frame's declared length is checked before its body waits."""
+        return len(self._buffer)
+
     def next(self) -> tuple[Message, list[int]] | None:
         """The next complete message, or None until more bytes arrive."""
         if len(self._buffer) < _HEADER.size:
