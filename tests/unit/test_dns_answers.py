@@ -143,6 +143,20 @@ def test_small_helpers() -> None:
     assert cluster_addresses(srv) == [IPv4Address("10.96.0.10"), IPv4Address("10.244.1.7")]
 
 
+# Found by the DNS fuzzer (fuzz/targets/dns.py): an A record of another class has no
+# address (CHAOS A holds a domain and a number, an unknown class opaque bytes); reading
+# one failed the lookup, and the client got SERVFAIL for a name the cluster has.
+ODD_CLASS_A = dns.rrset.from_text("odd.", 5, "CLASS25090", "A", r"\# 4 0a600007")
+CHAOS_A = dns.rrset.from_text("chaos.", 5, "CH", "A", "chaos. 1")
+
+
+def test_cluster_addresses_are_those_of_class_in_only() -> None:
+    answer = cluster_answer(WEB, "10.96.0.10")
+    answer.answer.append(ODD_CLASS_A)
+    answer.additional.append(CHAOS_A)
+    assert cluster_addresses(answer) == [IPv4Address("10.96.0.10")]
+
+
 # -- rewriting ---------------------------------------------------------------
 
 
@@ -496,6 +510,15 @@ async def test_a_failing_route_callback_does_not_lose_the_answer() -> None:
     assert (await ask(resolver, query("web.ns."))).answer[0][0].address == "10.96.0.10"
 
 
+async def test_records_of_other_classes_do_not_fail_the_answer() -> None:
+    answer = cluster_answer(WEB, "10.96.0.10")
+    answer.answer.append(ODD_CLASS_A)
+    seen: list[list[IPv4Address]] = []
+    reply = await ask(make_resolver(FakeCluster({(WEB, A): answer}), seen=seen), query("web.ns."))
+    assert reply.rcode() == NOERROR
+    assert seen == [[IPv4Address("10.96.0.10")]]
+
+
 async def test_never_cluster_names_skip_the_cluster() -> None:
     cluster = FakeCluster()
     upstream = FakeUpstream()
@@ -531,6 +554,28 @@ async def test_upstream_failure_is_servfail(failure: str) -> None:
         upstream.hang = True
     answer = await ask(make_resolver(FakeCluster(), upstream), query("www.example.test."), tcp=True)
     assert answer.rcode() == SERVFAIL and answer.id == 4242
+
+
+async def test_questions_too_big_for_udp_get_a_bare_header_with_tc() -> None:
+    # Found by review while writing the DNS fuzzer: a query may ask several questions, up
+    # to the size of a datagram; the SERVFAIL for one could not be made small enough for
+    # UDP, and answer() raised instead of answering.
+    q = query("www.example.test.")
+    for i in range(8):
+        q.question.append(query(f"{'q' * 60}.{'x' * 60}.n{i}.example.test.").question[0])
+    wire = q.to_wire()
+    assert len(wire) > 512
+    upstream = FakeUpstream()
+    upstream.error = ConnectionRefusedError()
+    resolver = make_resolver(FakeCluster(), upstream)
+    udp = await resolver.answer(wire, tcp=False)
+    assert udp is not None and len(udp) <= 512
+    parsed = dns.message.from_wire(udp)
+    assert parsed.id == 4242 and parsed.rcode() == SERVFAIL
+    assert parsed.flags & dns.flags.TC and parsed.question == []
+    over_tcp = await ask(resolver, q, tcp=True)  # where the client asks again
+    assert over_tcp.rcode() == SERVFAIL and len(over_tcp.question) == 9
+    assert not over_tcp.flags & dns.flags.TC
 
 
 async def test_unexpected_errors_become_servfail() -> None:

@@ -155,3 +155,21 @@ def test_the_mark_avoids_common_tools_masks(mark: int) -> None:
     for mask in (0xC000, 0xFFFF0000, 0xFF0000, 0x0F00):
         assert mark & mask == 0
     assert mark != 0xCA6C
+
+
+def test_later_requests_parse_subnets_and_addresses_as_setup_does() -> None:
+    # UpdateSubnets and the host route requests use the same two functions as Setup.
+    assert policy.parse_ipv4_subnets(["10.96.0.0/12", "10.244.0.5"]) == [
+        IPv4Network("10.96.0.0/12"),
+        IPv4Network("10.244.0.5/32"),
+    ]
+    with pytest.raises(Refused, match=r"subnet fd00::/64 is IPv6, .* leave it out"):
+        policy.parse_ipv4_subnets(["10.96.0.0/12", "fd00::/64"])
+    with pytest.raises(Refused, match="subnets: invalid subnet 'x'"):
+        policy.parse_ipv4_subnets(["x"])
+    assert policy.parse_addresses(["10.0.0.1", "fd00::1"], what="host address") == [
+        ip_address("10.0.0.1"),
+        ip_address("fd00::1"),
+    ]
+    with pytest.raises(Refused, match="invalid host address 'x': expected an IP address"):
+        policy.parse_addresses(["10.0.0.1", "x"], what="host address")

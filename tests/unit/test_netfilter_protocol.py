@@ -153,6 +153,31 @@ def test_the_helper_decodes_requests_strictly(body: dict[str, object], message: 
     assert decoder.next() == (Status(), [])  # still in step: the bad frame was consumed
 
 
+# Found by the helper fuzzer (fuzz/targets/helper.py): msgspec raised UnicodeDecodeError
+# (and RecursionError), which escaped next() and ended the helper's session.
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b"\x82\xa4type\xb0RemoveHostRoutes\xa3ips\x91\xa4203\xff", "(?i)invalid utf-8"),
+        # Skipped before the tag says which request it is, as msgspec must.
+        (b"\x82\xa1x" + b"\x91" * 60_000 + b"\x01\xa4type\xa6Status", "nested"),
+    ],
+    ids=["utf-8", "deep"],
+)
+def test_undecodable_strings_and_deep_nesting_are_malformed_messages(
+    body: bytes, message: str
+) -> None:
+    r, w = os.pipe()
+    decoder = FrameDecoder.for_requests()
+    decoder.feed(len(body).to_bytes(4, "big") + b"\x01" + body + encode(Status()), [r])
+    with pytest.raises(protocol.MalformedMessage, match=message):
+        decoder.next()
+    with pytest.raises(OSError):
+        os.fstat(r)  # the frame's descriptor was closed with it
+    assert decoder.next() == (Status(), [])
+    os.close(w)
+
+
 def test_the_helper_refuses_requests_over_64_kib() -> None:
     decoder = FrameDecoder.for_requests()
     decoder.feed((protocol.MAX_REQUEST + 1).to_bytes(4, "big") + b"\x00")

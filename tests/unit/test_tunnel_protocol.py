@@ -532,6 +532,16 @@ def client_with_stream() -> Connection:
     return client
 
 
+def control_frame(payload: bytes) -> bytes:
+    return hdr(5, 0, 0, len(payload)) + payload
+
+
+# A Remain whose session id is not UTF-8, and one with an unknown field nested deeper
+# than msgspec's recursion limit.
+BAD_UTF8 = b"\x82\xa4type\xa6remain\xaasession_id\xa1\xff"
+DEEP = b"\x83\xa4type\xa6remain\xaasession_id\xa1s\xa1x" + b"\x91" * 60_000 + b"\x01"
+
+
 @pytest.mark.parametrize(
     ("wire", "code", "match"),
     [
@@ -554,6 +564,10 @@ def client_with_stream() -> Connection:
         (hdr(5, 0, 0, 1) + b"\xc1", ErrorCode.PROTOCOL_ERROR, "malformed control message"),
         (hdr(5, 0, 0, 1) + b"\x80", ErrorCode.PROTOCOL_ERROR, "malformed control message"),
         (hdr(6, 0, 0, 2) + b"\0\0", ErrorCode.PROTOCOL_ERROR, "malformed GOAWAY"),
+        # Found by the tunnel fuzzer: msgspec raised UnicodeDecodeError and RecursionError
+        # for these, which escaped receive_data (fuzz/README.md).
+        (control_frame(BAD_UTF8), ErrorCode.PROTOCOL_ERROR, "malformed control message"),
+        (control_frame(DEEP), ErrorCode.PROTOCOL_ERROR, "malformed control message"),
     ],
 )
 def test_peer_violations_raise_and_send_goaway(wire: bytes, code: ErrorCode, match: str) -> None:
@@ -642,6 +656,14 @@ control_messages = st.one_of(
 @given(control_messages)
 def test_control_message_round_trip(message: ControlMessage) -> None:
     assert decode_control(encode_control(message)) == message
+
+
+@pytest.mark.parametrize(
+    ("payload", "match"), [(BAD_UTF8, "(?i)utf-8"), (DEEP, "nested")], ids=["utf-8", "deep"]
+)
+def test_malformed_control_messages_raise_decode_error_only(payload: bytes, match: str) -> None:
+    with pytest.raises(msgspec.DecodeError, match=match):
+        decode_control(payload)
 
 
 def test_control_messages_ignore_unknown_fields() -> None:

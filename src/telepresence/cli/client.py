@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any, Protocol
 
-from telepresence import paths
+from telepresence import ipc, paths
 
 
 class DaemonError(Exception):
@@ -39,25 +39,27 @@ def _connect(timeout: float = 2.0) -> socket.socket | None:
     return sock
 
 
-def _lines(sock: socket.socket, on_idle: Any = None) -> Any:
-    buf = b""
-    while True:
-        try:
-            chunk = sock.recv(65536)
-        except TimeoutError:
-            if on_idle is None:
-                raise
-            on_idle()
-            continue
-        if not chunk:
-            if buf.strip():
-                yield json.loads(buf)
-            return
-        buf += chunk
-        while b"\n" in buf:
-            line, buf = buf.split(b"\n", 1)
-            if line.strip():
-                yield json.loads(line)
+def _replies(sock: socket.socket, on_idle: Any = None) -> Iterator[ipc.Reply]:
+    """The daemon's reply lines, checked (ipc.parse_reply); a malformed one, or one longer
+    than ipc.MAX_REPLY, is a DaemonError."""
+    reader = ipc.LineReader(limit=ipc.MAX_REPLY)
+    try:
+        while True:
+            try:
+                chunk = sock.recv(65536)
+            except TimeoutError:
+                if on_idle is None:
+                    raise
+                on_idle()
+                continue
+            lines = reader.feed(chunk) if chunk else [reader.end()]
+            for line in lines:
+                if line.strip():
+                    yield ipc.parse_reply(line)
+            if not chunk:
+                return
+    except ipc.MalformedMessage as e:
+        raise DaemonError(f"{e}; see its log in {paths.logs_dir()}") from None
 
 
 def request(message: dict[str, Any], *, timeout: float = 10.0) -> dict[str, Any] | None:
@@ -66,13 +68,12 @@ def request(message: dict[str, Any], *, timeout: float = 10.0) -> dict[str, Any]
     if sock is None:
         return None
     with sock:
-        sock.sendall(json.dumps(message).encode() + b"\n")
-        for reply in _lines(sock):
-            if "error" in reply:
-                raise DaemonError(reply["error"])
-            if "result" in reply:
-                result: dict[str, Any] = reply["result"]
-                return result
+        sock.sendall(ipc.encode(message))
+        for reply in _replies(sock):
+            if isinstance(reply, ipc.Failure):
+                raise DaemonError(reply.message)
+            if isinstance(reply, ipc.Result):
+                return reply.value
     raise DaemonError(
         f"the daemon closed the connection without answering; see its log in {paths.logs_dir()}"
     )
@@ -83,18 +84,17 @@ def request_with_progress(message: dict[str, Any], progress: ProgressSink) -> di
     if sock is None:
         raise DaemonError(f"the daemon is not running; see {paths.logs_dir()}/daemon.log")
     with sock:
-        sock.sendall(json.dumps(message).encode() + b"\n")
+        sock.sendall(ipc.encode(message))
         try:
-            for reply in _lines(sock, on_idle=progress.tick):
-                if "progress" in reply:
-                    progress.step(reply["progress"])
-                elif "error" in reply:
+            for reply in _replies(sock, on_idle=progress.tick):
+                if isinstance(reply, ipc.Progress):
+                    progress.step(reply.text)
+                elif isinstance(reply, ipc.Failure):
                     progress.done()
-                    raise DaemonError(reply["error"])
-                elif "result" in reply:
+                    raise DaemonError(reply.message)
+                else:
                     progress.done()
-                    result: dict[str, Any] = reply["result"]
-                    return result
+                    return reply.value
         finally:
             progress.done()
     raise DaemonError(f"the daemon stopped while connecting; see {paths.logs_dir()}/daemon.log")

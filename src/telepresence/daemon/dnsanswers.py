@@ -169,11 +169,13 @@ def classify(answer: dns.message.Message | None) -> Outcome:
 
 
 def cluster_addresses(answer: dns.message.Message) -> list[IPv4Address]:
-    """The IPv4 addresses in an answer (answer and additional sections)."""
+    """The IPv4 addresses in an answer (answer and additional sections).  Class IN
+    only: an A record of another class is not an address (CHAOS A holds a number, an
+    unknown class opaque bytes)."""
     return [
         IPv4Address(rdata.address)
         for rrset in (*answer.answer, *answer.additional)
-        if rrset.rdtype == dns.rdatatype.A
+        if rrset.rdtype == dns.rdatatype.A and rrset.rdclass == dns.rdataclass.IN
         for rdata in rrset
     ]
 
@@ -252,8 +254,10 @@ def encode_response(response: dns.message.Message, *, max_size: int) -> bytes:
 
     If it does not fit, the additional section goes first (no TC needed:
     RFC 2181 section 9); if it still does not fit, answer and authority go
-    too and TC is set, so the client asks again over TCP.  May empty sections
-    of ``response``.
+    too and TC is set, so the client asks again over TCP.  A question section
+    can be too large by itself (a query may ask several questions, up to the
+    size of the datagram): then it goes too, leaving the header, and TC.  May
+    empty sections of ``response``.
     """
     try:
         return response.to_wire(max_size=max_size)
@@ -268,6 +272,11 @@ def encode_response(response: dns.message.Message, *, max_size: int) -> bytes:
     response.answer = []
     response.authority = []
     response.flags |= dns.flags.TC
+    try:
+        return response.to_wire(max_size=max_size)
+    except dns.exception.TooBig:
+        pass
+    response.question = []
     return response.to_wire(max_size=max_size)
 
 

@@ -10,14 +10,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import signal
 import sys
 from typing import Any
 
-from telepresence import __version__, paths, versions
+from telepresence import __version__, ipc, paths, versions
+from telepresence.daemon import control
 from telepresence.daemon.request import ConnectError, ConnectRequest
 from telepresence.daemon.session import Session
 from telepresence.netfilter.client import HelperListener
@@ -42,7 +42,9 @@ class Daemon:
         sock_path.unlink(missing_ok=True)
         old_umask = os.umask(0o177)  # the socket is created owner-only
         try:
-            self.server = await asyncio.start_unix_server(self._client, path=str(sock_path))
+            self.server = await asyncio.start_unix_server(
+                self._client, path=str(sock_path), limit=ipc.MAX_REQUEST
+            )
         finally:
             os.umask(old_umask)
         sock_path.chmod(0o600)
@@ -73,40 +75,46 @@ class Daemon:
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         def send(obj: dict[str, Any]) -> None:
-            writer.write(json.dumps(obj).encode() + b"\n")
+            writer.write(ipc.encode(obj))
 
         try:
-            line = await reader.readline()
+            try:
+                line = await reader.readline()
+            except ValueError:  # longer than the reader's limit
+                line = b""
+                send({"error": f"a request of more than {ipc.MAX_REQUEST} bytes refused"})
             if not line:
                 return
-            req = json.loads(line)
-            cmd = req.get("cmd")
-            if cmd == "status":
-                send({"result": self.status(flows=bool(req.get("flows")))})
-            elif cmd == "helper-listen":
-                send(self._helper_listen())
-            elif cmd == "connect":
-                await self._connect(req, send)
-            elif cmd in ("intercept", "leave", "list"):
-                send(self._intercepts(cmd, req))
-            elif cmd == "quit":
-                send({"result": {"pid": os.getpid()}})
-                await writer.drain()
-                self.stopping.set()
-            else:
-                send({"error": f"unknown command {cmd!r}"})
+            try:
+                command = control.parse_request(line)
+            except ipc.MalformedMessage as e:
+                log.info("control client: %s", e)
+                send({"error": str(e)})
+                return
+            match command:
+                case control.Status(flows=flows):
+                    send({"result": self.status(flows=flows)})
+                case control.HelperListen():
+                    send(self._helper_listen())
+                case control.Connect(request):
+                    await self._connect(request, send)
+                case control.Intercept() | control.Leave() | control.ListIntercepts():
+                    send(self._intercepts(command))
+                case control.Quit():
+                    send({"result": {"pid": os.getpid()}})
+                    await writer.drain()
+                    self.stopping.set()
             await writer.drain()
         except (ConnectionError, ValueError) as e:
             log.info("control client: %s", e)
         finally:
             writer.close()
 
-    async def _connect(self, req: dict[str, Any], send: Any) -> None:
+    async def _connect(self, request: ConnectRequest, send: Any) -> None:
         async with self._connecting:
             if self.session is not None and self.session.connected:
                 send({"result": self.session.connect_result()})
                 return
-            request = ConnectRequest.from_json(req)
             listener, self.helper_listener = self.helper_listener, None
             session = Session(
                 request, debug=self.debug, on_lost=self._session_lost, helper_listener=listener
@@ -141,15 +149,17 @@ class Daemon:
             self.helper_listener = HelperListener(paths.runtime_dir())
         return {"result": {"socket": str(self.helper_listener.path)}}
 
-    def _intercepts(self, cmd: str, req: dict[str, Any]) -> dict[str, Any]:
+    def _intercepts(
+        self, command: control.Intercept | control.Leave | control.ListIntercepts
+    ) -> dict[str, Any]:
         session = self.session
         if session is None or not session.connected:
             return {"error": "not connected; run `telepresence connect` first"}
         try:
-            if cmd == "intercept":
-                session.intercept(req["name"], req["namespace"])
-            elif cmd == "leave":
-                session.leave(req["name"])
+            if isinstance(command, control.Intercept):
+                session.intercept(command.name, command.namespace)
+            elif isinstance(command, control.Leave):
+                session.leave(command.name)
         except ConnectError as e:
             return {"error": str(e)}
         return {"result": {"intercepts": session.status()["user_daemon"]["intercept_list"]}}

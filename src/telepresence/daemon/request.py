@@ -11,9 +11,11 @@ from __future__ import annotations
 import ipaddress
 import os
 import socket
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from telepresence import ipc
 from telepresence.netfilter.install import find_helper
 from telepresence.paths import HELPER_COMMAND
 
@@ -43,24 +45,23 @@ class ConnectRequest:
     env: dict[str, str] = field(default_factory=dict)
 
     @classmethod
-    def from_json(cls, req: dict[str, Any]) -> ConnectRequest:
-        mapped = req.get("mapped_namespaces")
-        allow = req.get("manager_dial_allow")
-        deny = req.get("manager_dial_deny")
+    def from_json(cls, req: Mapping[str, Any]) -> ConnectRequest:
+        """The connect request as the control socket carried it; every field checked.
+        Raises ipc.MalformedMessage, naming the first field of the wrong type."""
         return cls(
-            kubeconfig=req.get("kubeconfig"),
-            context=req.get("context"),
-            namespace=req.get("namespace"),
-            manager_image=req.get("manager_image"),
-            manager_base_image=req.get("manager_base_image"),
-            manager_namespace=req.get("manager_namespace"),
-            manager_dial_allow=None if allow is None else tuple(allow),
-            manager_dial_deny=None if deny is None else tuple(deny),
-            mapped_namespaces=None if mapped is None else tuple(mapped),
-            also_proxy=tuple(req.get("also_proxy") or ()),
-            never_proxy=tuple(req.get("never_proxy") or ()),
-            allow_conflicting_subnets=tuple(req.get("allow_conflicting_subnets") or ()),
-            env=dict(req.get("env") or {}),
+            kubeconfig=ipc.optional_text(req, "kubeconfig"),
+            context=ipc.optional_text(req, "context"),
+            namespace=ipc.optional_text(req, "namespace"),
+            manager_image=ipc.optional_text(req, "manager_image"),
+            manager_base_image=ipc.optional_text(req, "manager_base_image"),
+            manager_namespace=ipc.optional_text(req, "manager_namespace"),
+            manager_dial_allow=ipc.text_list(req, "manager_dial_allow"),
+            manager_dial_deny=ipc.text_list(req, "manager_dial_deny"),
+            mapped_namespaces=ipc.text_list(req, "mapped_namespaces"),
+            also_proxy=ipc.text_list(req, "also_proxy") or (),
+            never_proxy=ipc.text_list(req, "never_proxy") or (),
+            allow_conflicting_subnets=ipc.text_list(req, "allow_conflicting_subnets") or (),
+            env=ipc.text_map(req, "env"),
         )
 
 

@@ -47,6 +47,8 @@ __all__ = [
     "check_mark_unused",
     "check_routable",
     "host_refusal",
+    "parse_addresses",
+    "parse_ipv4_subnets",
     "plan_setup",
 ]
 
@@ -97,7 +99,21 @@ def _parse_networks(items: Sequence[str], *, what: str) -> list[IPNetwork]:
         raise Refused(f"{what}: {e}") from None
 
 
-def _parse_addresses(items: Iterable[str], *, what: str) -> list[IPAddress]:
+def parse_ipv4_subnets(items: Sequence[str]) -> list[IPv4Network]:
+    """The subnets of a Setup or UpdateSubnets (CIDRs or single addresses); IPv6 is
+    refused, as the helper routes none yet."""
+    requested: list[IPv4Network] = []
+    for net in _parse_networks(items, what="subnets"):
+        if not isinstance(net, IPv4Network):
+            raise Refused(
+                f"subnet {net} is IPv6, which the network helper does not route yet; leave it out"
+            )
+        requested.append(net)
+    return requested
+
+
+def parse_addresses(items: Iterable[str], *, what: str) -> list[IPAddress]:
+    """IP addresses, as ``what`` (named in the refusal) of a request."""
     result: list[IPAddress] = []
     for item in items:
         try:
@@ -262,14 +278,8 @@ def plan_setup(
     kernel and resolv.conf, never what the request says; ``link_dns`` is
     :data:`LINK_DNS_ADDRESS` in DNS mode "resolved" (then ``nameservers`` is empty).
     """
-    requested: list[IPv4Network] = []
-    for net in _parse_networks(request.subnets, what="subnets"):
-        if not isinstance(net, IPv4Network):
-            raise Refused(
-                f"subnet {net} is IPv6, which the network helper does not route yet; leave it out"
-            )
-        requested.append(net)
-    apis = _parse_addresses(request.api_server_ips, what="API server address")
+    requested = parse_ipv4_subnets(request.subnets)
+    apis = parse_addresses(request.api_server_ips, what="API server address")
     never_proxy = _parse_networks(request.never_proxy, what="never-proxy subnets")
     check_routable(requested, gateways=network.gateways, api_server_ips=apis)
     allowed = _parse_networks(request.allow_conflicting_subnets, what="allowed conflicts")

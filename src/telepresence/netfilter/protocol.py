@@ -360,6 +360,12 @@ class FrameDecoder:
         """Whether part of a frame (or a stray descriptor) is waiting."""
         return bool(self._buffer) or bool(self._fds)
 
+    @property
+    def buffered(self) -> int:
+        """Bytes received and not yet handed out: once :meth:`next` returned None, at most
+        one partial frame, as a frame's declared length is checked before its body waits."""
+        return len(self._buffer)
+
     def next(self) -> tuple[Message, list[int]] | None:
         """The next complete message, or None until more bytes arrive."""
         if len(self._buffer) < _HEADER.size:
@@ -384,6 +390,12 @@ class FrameDecoder:
         except msgspec.DecodeError as e:  # ValidationError is one too
             _close_all(fds)
             raise MalformedMessage(f"malformed message: {e}") from None
+        except (UnicodeDecodeError, RecursionError) as e:
+            # What msgspec raises for invalid UTF-8 in a string and deep nesting in a
+            # field it skips (msgspec issue #714): malformed all the same.
+            _close_all(fds)
+            what = "invalid UTF-8" if isinstance(e, UnicodeDecodeError) else "nested too deeply"
+            raise MalformedMessage(f"malformed message: {what}") from None
         return message, fds
 
     def close(self) -> None:

@@ -16,8 +16,7 @@ import dataclasses
 import logging
 import os
 import socket
-from collections.abc import Sequence
-from ipaddress import IPv4Network, ip_address
+from ipaddress import IPv4Network
 from pathlib import Path
 
 from telepresence.netfilter import nftables, policy, routes, tun
@@ -55,7 +54,6 @@ from telepresence.netfilter.protocol import (
 from telepresence.netfilter.resolvconf import NSSWITCH_CONF, RESOLV_CONF
 from telepresence.netfilter.resolved import Resolved, ResolvedError, ResolvedLinks
 from telepresence.netfilter.routestate import Applied, HelperRoutes
-from telepresence.netfilter.subnets import IPAddress, parse_cidr_list
 
 __all__ = ["LOG_FILE", "NetworkState", "undo_entry"]
 
@@ -63,24 +61,6 @@ log = logging.getLogger("telepresence.netfilter.helper")
 
 LOG_FILE = Path("/var/log/telepresence/helper.log")
 _SO_MARK = getattr(socket, "SO_MARK", 36)
-
-
-def _ipv4_networks(items: Sequence[str]) -> list[IPv4Network]:
-    try:
-        nets = parse_cidr_list(",".join(items))
-    except ValueError as e:
-        raise Refused(f"subnets: {e}") from None
-    for net in nets:
-        if not isinstance(net, IPv4Network):
-            raise Refused(f"subnet {net} is IPv6, which the network helper does not route yet")
-    return [n for n in nets if isinstance(n, IPv4Network)]
-
-
-def _addresses(items: Sequence[str]) -> list[IPAddress]:
-    try:
-        return [ip_address(item) for item in items]
-    except ValueError as e:
-        raise Refused(f"invalid host address: {e}") from None
 
 
 class NetworkState:
@@ -147,7 +127,7 @@ class NetworkState:
         if applied is None:
             raise Refused(f"{type(request).__name__} before Setup: send Setup first")
         if isinstance(request, UpdateSubnets):
-            requested = _ipv4_networks(request.subnets)
+            requested = policy.parse_ipv4_subnets(request.subnets)
             network = routes.laptop_network()
             applied.plan.check_subnets(requested, gateways=network.gateways)
             nets = applied.plan.routed(requested)
@@ -156,9 +136,10 @@ class NetworkState:
             self._routes.reconcile(applied, subnets=nets, hosts=applied.hosts)
             return SubnetsDone(routed=[str(n) for n in applied.subnets]), []
         if isinstance(request, AddHostRoutes):
-            return self._routes.add_hosts(applied, _addresses(request.ips)), []
+            ips = policy.parse_addresses(request.ips, what="host address")
+            return self._routes.add_hosts(applied, ips), []
         if isinstance(request, RemoveHostRoutes):
-            gone = set(_addresses(request.ips))
+            gone = set(policy.parse_addresses(request.ips, what="host address"))
             self._routes.reconcile(applied, subnets=applied.subnets, hosts=applied.hosts - gone)
             return HostRoutesDone(hosts=[str(h) for h in sorted(applied.hosts)]), []
         if isinstance(request, RefreshNameservers):

@@ -108,5 +108,16 @@ def encode_control(message: ControlMessage) -> bytes:
 
 
 def decode_control(payload: bytes) -> ControlMessage:
-    """Raises msgspec.DecodeError (ValidationError included) on anything malformed."""
-    return _decoder.decode(payload)
+    """Raises msgspec.DecodeError (ValidationError included) on anything malformed.
+
+    msgspec itself raises UnicodeDecodeError for invalid UTF-8 in a string and
+    RecursionError for deep nesting in a field it skips (msgspec issue #714); both are
+    the peer's malformed bytes, so they are reported like any other."""
+    try:
+        return _decoder.decode(payload)
+    except UnicodeDecodeError as exc:
+        raise msgspec.DecodeError(
+            f"MessagePack data is malformed: invalid UTF-8 ({exc.reason})"
+        ) from None
+    except RecursionError:
+        raise msgspec.DecodeError("MessagePack data is malformed: nested too deeply") from None

@@ -341,7 +341,8 @@ class Connection:
 
         Passing ``bytes`` lets payloads split across calls be joined with a single
         copy; other buffer types are copied first because the caller may reuse them.
-        Raises ProtocolError when the peer misbehaves.
+        Raises ProtocolError when the peer misbehaves; the events of frames before the
+        bad one in the same call are dropped with the connection.
         """
         if self.state is ConnectionState.CLOSED:
             return []
@@ -811,6 +812,12 @@ class Connection:
         self._close()
 
     # --- introspection --------------------------------------------------------------
+
+    @property
+    def buffered(self) -> int:
+        """Received bytes held until they complete a preface, header or frame: never more
+        than a header and MAX_FRAME_PAYLOAD, as a frame's length is checked first."""
+        return len(self._head) + (self._got if self._frame is not None else 0)
 
     def stream_state(self, stream_id: int) -> StreamState:
         if stream_id <= 0:
