@@ -94,18 +94,20 @@ def test_an_older_client_uses_a_newer_manager_without_downgrading_it(
     newer_manager: Cluster,
 ) -> None:
     cluster = newer_manager
-    before = _deployment(cluster)["metadata"]["resourceVersion"]  # type: ignore[index]
+    # The spec's generation, not the resourceVersion: the rollout that installed the newer
+    # manager still updates the Deployment's status (the old pod leaves after it drains).
+    before = _deployment(cluster)["metadata"]["generation"]  # type: ignore[index]
     out = connect(cluster)
     assert "Using Traffic Manager 0.2.0 (newer than this client 0.1.0)" in out.stdout + out.stderr
     status = cluster.laptop("telepresence", "status").stdout
     assert "0.2.0 (newer than this client 0.1.0; compatible)" in status
     assert curl(cluster, "http://verylargejavaservice.default:8080/").returncode == 0
-    assert _deployment(cluster)["metadata"]["resourceVersion"] == before  # type: ignore[index]
+    assert _deployment(cluster)["metadata"]["generation"] == before  # type: ignore[index]
     # Asking for an upgrade from the older client leaves the newer manager alone too.
     quit_(cluster)
     up = cluster.laptop("telepresence", "manager", "upgrade", timeout=120)
     assert "newer than this client" in up.stdout + up.stderr
-    assert _deployment(cluster)["metadata"]["resourceVersion"] == before  # type: ignore[index]
+    assert _deployment(cluster)["metadata"]["generation"] == before  # type: ignore[index]
 
 
 def test_two_clients_of_different_versions_share_the_manager_at_once(
