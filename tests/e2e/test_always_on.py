@@ -129,10 +129,13 @@ def test_a_laptop_that_sleeps_for_a_minute(connected: Cluster) -> None:
         # after 30 s of silence, and the port-forwards may die meanwhile). The minute is the
         # scenario, not a wait for something; it checks that everything stays asleep.
         until = time.monotonic() + 60
-        while time.monotonic() < until:
+
+        def slept_a_minute() -> bool:
             states = c.laptop("ps", "-o", "stat=", "-p", _pids(c, pattern), root=True).stdout
             assert states.split() and all(s.startswith("T") for s in states.split()), states
-            time.sleep(2)
+            return time.monotonic() >= until
+
+        wait_for(slept_a_minute, timeout=90, what="a minute asleep", interval=2)
     finally:
         c.laptop("pkill", "-CONT", "-f", pattern, root=True, check=False)
     took = _back_within(c, time.monotonic(), "the tunnel after a 60 s sleep")

@@ -196,8 +196,14 @@ class ManagerPool:
         return t
 
     def healthy(self) -> list[PortForwardTunnel]:
-        """The links new flows go to: open, and not to a stopping manager."""
-        return [t for t in self.tunnels if not t.draining and not t.tunnel.closed]
+        """The links new flows go to: open, in a session (a link still arriving would have
+        its streams refused), and not to a stopping manager."""
+        return [t for t in self.tunnels if t.session_id and not t.draining and not t.tunnel.closed]
+
+    def _serving(self) -> list[PortForwardTunnel]:
+        """Where new flows go: the healthy links, else those to a stopping manager that
+        still serves until a replacement has arrived."""
+        return self.healthy() or [t for t in self.tunnels if t.session_id and not t.tunnel.closed]
 
     @property
     def manager_pod(self) -> str:
@@ -367,7 +373,7 @@ class ManagerPool:
                 fut.set_result(message)
 
     async def dns_lookup(self, qname: str, qtype: int, *, timeout: float = 4.0) -> DnsAnswer:
-        links = self.healthy() or [t for t in self.tunnels if t.session_id]
+        links = self._serving()
         if not links:
             raise PoolUnavailable("not connected to the traffic manager")
         request_id = next(self._request_ids)
@@ -382,8 +388,7 @@ class ManagerPool:
     # --- streams ---------------------------------------------------------------------
 
     def open_stream(self, dial: Dial, handler: StreamHandler) -> TunnelStream:
-        # A stopping manager still serves until a replacement is ready.
-        live = self.healthy() or [t for t in self.tunnels if not t.tunnel.closed]
+        live = self._serving()
         if not live:
             raise PoolUnavailable("not connected to the traffic manager")
         best = min(live, key=lambda t: len(t.tunnel.streams))
