@@ -23,6 +23,7 @@ from telepresence.daemon.proxy import TransparentProxy
 from telepresence.daemon.udp import UdpRelay
 from telepresence.manager.dialpolicy import DialPolicy
 from tests.unit.test_tunnel_loopback import World
+from tests.unit.waiting import until
 
 LAPTOP = IPv4Address("198.18.255.254")
 
@@ -63,17 +64,6 @@ async def laptop(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Laptop]:
     yield Laptop(world, book, proxy, port, target)
     await proxy.close()
     await world.close()
-
-
-async def until(check: Callable[[], object], what: str) -> None:
-    async def poll() -> None:
-        while not check():
-            await asyncio.sleep(0.01)  # poll interval of a wait with a deadline
-
-    try:
-        await asyncio.wait_for(poll(), 10)
-    except TimeoutError:
-        raise AssertionError(f"timed out waiting for {what}") from None
 
 
 async def serve(

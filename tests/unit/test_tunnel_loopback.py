@@ -20,6 +20,7 @@ from telepresence.manager.server import POLICY_REFUSAL, Manager, TunnelConnectio
 from telepresence.tunnel.flows import SocketFlow
 from telepresence.tunnel.frames import Dial, DialError, IPProtocol
 from telepresence.tunnel.messages import ClusterInfo
+from tests.unit.waiting import until
 
 INFO = ClusterInfo(("10.96.0.0/16",), ("10.244.0.0/24",), "cluster.local", "10.96.0.10")
 
@@ -160,16 +161,15 @@ async def _echo_through(world: World, payload: bytes) -> bytes:
 
 async def _rejoined(world: World, first_session: str) -> None:
     """Waits (15 s at most) for a new session the manager knows, on a full pool."""
-
-    async def done() -> None:
-        while not (
+    await until(
+        lambda: (
             world.pool.session_id != first_session
             and world.pool.session_id in world.manager.sessions
             and len(world.pool.tunnels) == 2
-        ):
-            await asyncio.sleep(0.05)  # poll interval of a wait with a deadline
-
-    await asyncio.wait_for(done(), 15)
+        ),
+        "a new session on a full pool",
+        timeout=15,
+    )
 
 
 async def test_join_gets_cluster_info_and_a_full_pool(world: World) -> None:
@@ -453,20 +453,6 @@ async def test_a_refused_udp_flow_is_logged_as_a_warning_with_the_reason(
 # --- a stopping manager: new flows move, open ones finish ---------------------------------
 
 
-async def _until(condition: object, what: str, timeout: float = 10) -> None:
-    """Polls ``condition()`` (a wait with a deadline, not a sleep for synchronisation)."""
-    assert callable(condition)
-
-    async def done() -> None:
-        while not condition():
-            await asyncio.sleep(0.02)
-
-    try:
-        await asyncio.wait_for(done(), timeout)
-    except TimeoutError:
-        raise AssertionError(f"timed out waiting for {what}") from None
-
-
 async def _open_echo(world: World) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     reader, writer = await _splice(world, world.echo_port)
     writer.write(b"ping")
@@ -487,7 +473,7 @@ async def test_a_stopping_manager_hands_new_flows_to_its_replacement_and_finishe
     world.ready.append("mgr-b")  # the rollout's new pod is Ready
 
     old.drain(50)
-    await _until(
+    await until(
         lambda: (
             {t.pod for t in world.pool.healthy()} == {"mgr-b"} and len(world.pool.healthy()) == 2
         ),
@@ -514,16 +500,14 @@ async def test_until_a_replacement_is_ready_new_flows_still_use_the_stopping_man
 ) -> None:
     await world.pool.start()
     world.manager.drain(50)
-    await _until(lambda: not world.pool.healthy(), "the links to be marked draining")
+    await until(lambda: not world.pool.healthy(), "the links to be marked draining")
     # One replica: no replacement yet. Connections must not fail meanwhile.
     for i in range(5):
         assert await _echo_through(world, f"during {i}".encode()) == f"during {i}".encode()
     await world.add_manager("mgr-b")
     world.ready.append("mgr-b")
     world.pool.manager_pods(stopping={"mgr-a"}, ready={"mgr-b"})
-    await _until(
-        lambda: {t.pod for t in world.pool.healthy()} == {"mgr-b"}, "the pool to hand over"
-    )
+    await until(lambda: {t.pod for t in world.pool.healthy()} == {"mgr-b"}, "the pool to hand over")
     assert await _echo_through(world, b"after") == b"after"
 
 
@@ -537,7 +521,7 @@ async def test_the_pod_watch_moves_new_flows_even_when_the_old_links_hang(world:
     await world.add_manager("mgr-b")
     world.ready.append("mgr-b")
     world.pool.manager_pods(stopping={"mgr-a"}, ready={"mgr-b"})
-    await _until(
+    await until(
         lambda: {t.pod for t in world.pool.healthy()} == {"mgr-b"},
         "the pool to join the replacement",
         timeout=5,
