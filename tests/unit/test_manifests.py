@@ -14,7 +14,7 @@ from telepresence.k8s import managercode, manifests
 from telepresence.k8s.api import object_path
 from telepresence.manager import config
 from telepresence.manager.dialpolicy import DialPolicy
-from telepresence.tunnel.endpoint import STREAM_WINDOW
+from telepresence.tunnel.endpoint import RECEIVE_BUDGET, STREAM_INITIAL_WINDOW
 from telepresence.versions import ProtocolRange
 
 Obj = dict[str, Any]
@@ -352,14 +352,19 @@ def test_probes_ask_the_health_listener() -> None:
 def test_resources_request_little_and_limit_memory_only() -> None:
     resources = pod_spec()["containers"][0]["resources"]
     assert resources["requests"] == {"cpu": "50m", "memory": "64Mi"}
-    assert resources["limits"] == {"memory": "512Mi"}  # no cpu limit: throttling is latency
+    assert resources["limits"] == {"memory": "384Mi"}  # no cpu limit: throttling is latency
 
 
 def test_the_memory_limit_covers_the_planned_worst_case() -> None:
     limit = config.MEMORY_LIMIT_MIB * config.MIB
-    worst = config.BASELINE + config.PLANNED_STALLED_STREAMS * config.STREAM_WORST_CASE
+    worst = (
+        config.BASELINE
+        + config.PLANNED_SATURATED_LINKS * config.LINK_WORST_CASE
+        + config.PLANNED_STALLED_STREAMS * config.STREAM_WORST_CASE
+    )
     assert worst <= limit < worst + 128 * config.MIB
-    assert config.STREAM_WORST_CASE >= 2 * STREAM_WINDOW
+    assert config.STREAM_WORST_CASE >= 2 * STREAM_INITIAL_WINDOW
+    assert config.LINK_WORST_CASE >= 2 * RECEIVE_BUDGET
 
 
 def test_the_deployment_selects_its_own_pods() -> None:

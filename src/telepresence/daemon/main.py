@@ -20,6 +20,7 @@ from telepresence import __version__, ipc, paths, versions
 from telepresence.daemon import control
 from telepresence.daemon.request import ConnectError, ConnectRequest
 from telepresence.daemon.session import Session
+from telepresence.fdlimit import raise_open_file_limit
 from telepresence.netfilter.client import HelperListener
 
 log = logging.getLogger("telepresence.daemon")
@@ -199,5 +200,6 @@ def main() -> None:
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
         stream=sys.stderr,
     )
+    raise_open_file_limit()
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(Daemon(debug=args.debug).serve())

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 
-from telepresence.tunnel.endpoint import STREAM_WINDOW
+from telepresence.tunnel.endpoint import RECEIVE_BUDGET, STREAM_INITIAL_WINDOW
 from telepresence.tunnel.flows import PAUSE_READING_AT, WRITE_BUFFER_LIMIT
 
 #: The tunnel listens here on the pod's loopback only: a kubelet's port-forward dials
@@ -34,23 +34,36 @@ DIAL_DENY_ENV = "TELEPRESENCE_DIAL_DENY"
 MIB = 1024 * 1024
 #: asyncio's selector transports read at most this much per recv().
 ASYNCIO_READ_CHUNK = 256 * 1024
-#: The most one stream can pin in the manager, both directions together:
-#: laptop → cluster: a full window (STREAM_WINDOW) the laptop may send before any credit
-#: returns, waiting in the dialled socket's write buffer, plus WRITE_BUFFER_LIMIT that may
-#: already be there; cluster → laptop: a full window of credit spent into the tunnel
-#: socket's write buffer (a slow port-forward), plus PAUSE_READING_AT waiting for credit,
-#: plus the one read that crossed that mark. About 4.75 MiB with the 2 MiB window.
-STREAM_WORST_CASE = 2 * STREAM_WINDOW + WRITE_BUFFER_LIMIT + PAUSE_READING_AT + ASYNCIO_READ_CHUNK
+#: The most one stream can pin in the manager beyond its connection's window growth,
+#: both directions together: laptop → cluster, its initial window (the laptop may send
+#: that before any credit returns), waiting in the dialled socket's write buffer, plus
+#: WRITE_BUFFER_LIMIT that may already be there; cluster → laptop, the laptop's initial
+#: window spent into the tunnel socket's write buffer (a slow port-forward), plus
+#: PAUSE_READING_AT waiting for credit, plus the one read that crossed that mark.
+STREAM_WORST_CASE = (
+    2 * STREAM_INITIAL_WINDOW + WRITE_BUFFER_LIMIT + PAUSE_READING_AT + ASYNCIO_READ_CHUNK
+)
+#: The most one laptop link can pin through window growth: this side's receive budget
+#: (what the laptop sent that pods have not read) and the laptop's (what we sent that the
+#: laptop has not read, in the worst case all still in our tunnel socket's write buffer).
+LINK_WORST_CASE = 2 * RECEIVE_BUDGET
 #: The process with nothing buffered: ~40 MiB of interpreter and imports (measured), plus
 #: discovery's lists of the cluster's nodes or, without node podCIDRs, pods.
 BASELINE = 128 * MIB
-#: Neither streams per connection nor sessions are limited, so the total is not bounded;
-#: the limit is sized for this many streams stalled at their worst case at once, far more
-#: than a team's laptops keep saturated. Beyond it the kernel kills the manager, and every
-#: laptop's pool re-joins the restarted pod on its own.
+#: Neither sessions nor their streams are limited, so the total is bounded per link and
+#: per stream (docs/architecture.md, "Memory"), and the container's limit is sized for
+#: this many links with their budgets exhausted and this many streams stalled at their
+#: worst case at once, far more than a team's laptops keep saturated. Beyond it the
+#: kernel kills the manager, and every laptop's pool re-joins the restarted pod.
+PLANNED_SATURATED_LINKS = 2
 PLANNED_STALLED_STREAMS = 64
 MEMORY_LIMIT_MIB = 128 * math.ceil(
-    (BASELINE + PLANNED_STALLED_STREAMS * STREAM_WORST_CASE) / (128 * MIB)
+    (
+        BASELINE
+        + PLANNED_SATURATED_LINKS * LINK_WORST_CASE
+        + PLANNED_STALLED_STREAMS * STREAM_WORST_CASE
+    )
+    / (128 * MIB)
 )
 #: Enough to schedule an idle manager; CPU stays unlimited, because CFS throttling of a
 #: relay shows up as latency on every laptop's connections.

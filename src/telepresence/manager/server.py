@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 from telepresence import versions
+from telepresence.fdlimit import raise_open_file_limit
 from telepresence.manager.config import (
     DRAIN_SECONDS,
     HEALTH_HOST,
@@ -505,6 +506,7 @@ def main() -> None:
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
     drain = float(os.environ.get("TELEPRESENCE_DRAIN_SECONDS", DRAIN_SECONDS))
+    raise_open_file_limit()
     asyncio.run(
         serve(
             tunnel_port=args.tunnel_port,

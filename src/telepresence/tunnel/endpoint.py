@@ -14,7 +14,14 @@ from collections import deque
 from collections.abc import Callable
 from typing import Protocol
 
-from telepresence.tunnel.frames import Dial, DialError, ErrorCode, IPProtocol
+from telepresence.tunnel.credit import ReceiveBudget
+from telepresence.tunnel.frames import (
+    DEFAULT_INITIAL_WINDOW,
+    Dial,
+    DialError,
+    ErrorCode,
+    IPProtocol,
+)
 from telepresence.tunnel.messages import ControlMessage
 from telepresence.tunnel.protocol import Connection as ProtocolConnection
 from telepresence.tunnel.protocol import (
@@ -36,10 +43,18 @@ log = logging.getLogger("telepresence.tunnel")
 
 Buffers = list[bytes | memoryview]
 
-# Each stream's receive window. The path through the API server and the kubelet has a
-# round trip of a few milliseconds under load, so 256 KiB capped a download near 90 MiB/s;
-# 2 MiB covers that bandwidth-delay product while a stalled flow still holds at most 2 MiB.
-STREAM_WINDOW = 2 * 1024 * 1024
+#: Every stream's receive window starts here, so a flow that is never read holds little,
+#: and a response of a few hundred KiB still arrives in one round trip.
+STREAM_INITIAL_WINDOW = DEFAULT_INITIAL_WINDOW
+#: ... and grows, doubling once a stream has consumed four windows, up to this. The path
+#: through the API server and the kubelet has a round trip of a few milliseconds under
+#: load: a fixed 256 KiB window capped a download near 90 MiB/s, and 2 MiB covered that
+#: bandwidth-delay product, so a bulk flow gets twice that.
+STREAM_MAX_WINDOW = 4 * 1024 * 1024
+#: The most all of one connection's windows together grow above their start: the receive
+#: side's memory bound for the connection is this plus STREAM_INITIAL_WINDOW per open
+#: stream (tunnel/credit.py). Eight streams at their full window.
+RECEIVE_BUDGET = 32 * 1024 * 1024
 
 
 class StreamHandler(Protocol):
@@ -186,14 +201,18 @@ class Tunnel:
         on_open: Callable[[TunnelStream, Dial], None] | None = None,
         on_control: Callable[[ControlMessage], None] | None = None,
         on_closed: Callable[[str], None] | None = None,
-        initial_window: int | None = None,
+        initial_window: int = STREAM_INITIAL_WINDOW,
+        budget: ReceiveBudget | None = None,
         versions: tuple[int, int] | None = None,
     ) -> None:
+        """Without a ``budget``, the connection gets its own RECEIVE_BUDGET."""
+        if budget is None:
+            budget = ReceiveBudget(limit=RECEIVE_BUDGET, max_window=STREAM_MAX_WINDOW)
         self.conn = (
-            ProtocolConnection(role, initial_window=initial_window or STREAM_WINDOW)
+            ProtocolConnection(role, initial_window=initial_window, budget=budget)
             if versions is None
             else ProtocolConnection(
-                role, initial_window=initial_window or STREAM_WINDOW, versions=versions
+                role, initial_window=initial_window, budget=budget, versions=versions
             )
         )
         self._write = write

@@ -17,10 +17,17 @@ from collections.abc import Callable
 from telepresence.tunnel.endpoint import TunnelStream
 from telepresence.tunnel.frames import DialError
 
-# Stop reading the local socket while this much waits for the peer's credit.
-PAUSE_READING_AT = 256 * 1024
-# Local writes buffered beyond this hold back the credit we return to the peer.
-WRITE_BUFFER_LIMIT = 256 * 1024
+#: The local socket's send buffer, fixed rather than left to the kernel's autotuning (up to
+#: 4 MiB on loopback): a reader that stalls then absorbs little before its stream stops
+#: earning a larger window (tunnel/credit.py), and kernel memory per stalled flow stays
+#: small too. Either end of the local socket is near (the laptop's loopback, a pod in
+#: the cluster), so this covers its bandwidth-delay product many times over.
+LOCAL_SEND_BUFFER = 256 * 1024
+#: Stop reading the local socket while this much waits for the peer's credit.
+PAUSE_READING_AT = 64 * 1024
+#: Local writes buffered beyond this hold back the credit we return to the peer. asyncio
+#: pauses a writer at 64 KiB by default, which holds back credit from then on as well.
+WRITE_BUFFER_LIMIT = 64 * 1024
 
 
 def abort_with_reset(transport: asyncio.BaseTransport | None) -> None:
@@ -73,6 +80,7 @@ class SocketFlow(asyncio.Protocol):
         if sock is not None:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, LOCAL_SEND_BUFFER)
         early, self._early = self._early, []
         for data in early:
             self.stream_data(data)

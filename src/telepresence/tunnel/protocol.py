@@ -6,10 +6,12 @@ or a clock: the I/O shell feeds it received bytes, calls its methods, writes out
 whatever ``buffers_to_send`` returns and acts on the returned events. That keeps every
 protocol rule testable byte for byte and the shell free of protocol logic.
 
-Memory is bounded per stream, never per connection: each stream has its own credit and
-there is no connection-wide window, so a reader that stops consuming one stream can
-only ever hold that stream's window and cannot block any other. The shell must keep
-reading the transport regardless of how slow any single stream's consumer is.
+Each stream has its own credit and there is no connection-wide window the sender must
+respect, so a reader that stops consuming one stream holds only that stream's window and
+cannot block any other. The shell must keep reading the transport regardless of how slow
+any single stream's consumer is. Windows start small and grow as a stream is read, within
+a budget for the whole connection (``credit.py``): that bounds the receive side's memory
+per connection, not only per stream.
 """
 
 from __future__ import annotations
@@ -18,6 +20,22 @@ from enum import Enum
 
 import msgspec
 
+from telepresence.tunnel.credit import ReceiveBudget
+from telepresence.tunnel.events import (
+    ConnectionClosed,
+    ControlReceived,
+    DataReceived,
+    DialFailed,
+    DialSucceeded,
+    Event,
+    LocalProtocolError,
+    ProtocolError,
+    StreamClosedError,
+    StreamEnded,
+    StreamOpened,
+    StreamReset,
+    WindowUpdated,
+)
 from telepresence.tunnel.frames import (
     DEFAULT_INITIAL_WINDOW,
     FLAG_FIN,
@@ -78,102 +96,6 @@ __all__ = [
 ]
 
 Buffer = bytes | bytearray | memoryview
-
-
-# --- errors -------------------------------------------------------------------------
-
-
-class ProtocolError(Exception):
-    """The peer broke the protocol. The connection is finished: a GOAWAY carrying
-    ``code`` and the message is already queued (unless the handshake itself failed,
-    when the peer could not parse it), so the shell should flush and close."""
-
-    def __init__(self, code: ErrorCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-class LocalProtocolError(Exception):
-    """The caller asked for something the protocol forbids; nothing was sent and the
-    connection is unaffected."""
-
-
-class StreamClosedError(LocalProtocolError):
-    """The stream is already gone, typically reset by the peer while the caller's own
-    work (a dial, a pending write) was in progress. Separate so the shell can treat
-    this expected race as routine."""
-
-
-# --- events -------------------------------------------------------------------------
-
-
-class StreamOpened(msgspec.Struct, frozen=True):
-    """The peer wants ``dial`` connected; answer with accept_stream or reject_stream."""
-
-    stream_id: int
-    dial: Dial
-
-
-class DialSucceeded(msgspec.Struct, frozen=True):
-    stream_id: int
-
-
-class DialFailed(msgspec.Struct, frozen=True):
-    """The stream is closed; the local end of the flow should be refused right away."""
-
-    stream_id: int
-    error: DialError
-    message: str
-
-
-class DataReceived(msgspec.Struct, frozen=True):
-    """On a UDP stream each event is exactly one datagram. Hand ``len(data)`` to
-    ``consume`` once it has left the application's buffers, or the peer stalls."""
-
-    stream_id: int
-    data: bytes
-
-
-class StreamEnded(msgspec.Struct, frozen=True):
-    """The peer half-closed: no more data will come, but we may still send."""
-
-    stream_id: int
-
-
-class StreamReset(msgspec.Struct, frozen=True):
-    stream_id: int
-    code: ErrorCode
-
-
-class WindowUpdated(msgspec.Struct, frozen=True):
-    """A stream that may have been out of credit can be written again."""
-
-    stream_id: int
-    window: int
-
-
-class ControlReceived(msgspec.Struct, frozen=True):
-    message: ControlMessage
-
-
-class ConnectionClosed(msgspec.Struct, frozen=True):
-    """The peer sent GOAWAY; nothing after it is processed."""
-
-    code: ErrorCode
-    reason: str
-
-
-Event = (
-    StreamOpened
-    | DialSucceeded
-    | DialFailed
-    | DataReceived
-    | StreamEnded
-    | StreamReset
-    | WindowUpdated
-    | ControlReceived
-    | ConnectionClosed
-)
 
 
 # --- pure helpers -------------------------------------------------------------------
@@ -251,8 +173,10 @@ class _Stream:
         "protocol",
         "recv_credit",
         "send_credit",
+        "since_resize",
         "state",
         "unconsumed",
+        "window",
     )
 
     def __init__(self, protocol: IPProtocol, *, local: bool, send: int, recv: int) -> None:
@@ -263,8 +187,11 @@ class _Stream:
         self.dial_pending = True
         self.send_credit = send
         # Credit still granted to the peer; unconsumed + pending_credit + recv_credit
-        # equals the initial window while the peer may still send.
+        # equals `window` while the peer may still send.
         self.recv_credit = recv
+        self.window = recv
+        # Bytes consumed since `window` last changed: the evidence growth needs.
+        self.since_resize = 0
         self.unconsumed = 0
         self.pending_credit = 0
 
@@ -291,10 +218,12 @@ class Connection:
         *,
         initial_window: int = DEFAULT_INITIAL_WINDOW,
         versions: tuple[int, int] = (MIN_VERSION, VERSION),
+        budget: ReceiveBudget | None = None,
     ) -> None:
         """``versions`` is the range of protocol versions this side speaks. The preface
         announces its lowest, which is all a peer that predates ranges can check; the
-        version actually used is agreed later, in Arrive/ArriveOk."""
+        version actually used is agreed later, in Arrive/ArriveOk. Without a ``budget``
+        every window stays at ``initial_window``."""
         if not MIN_INITIAL_WINDOW <= initial_window <= MAX_WINDOW:
             raise ValueError(
                 f"initial_window must be within [{MIN_INITIAL_WINDOW}, {MAX_WINDOW}],"
@@ -306,9 +235,7 @@ class Connection:
         self.versions = versions
         self.state = ConnectionState.HANDSHAKING
         self._initial_window = initial_window
-        # A quarter keeps the sender streaming (three quarters of the window are always
-        # granted to a drained receiver) at one WINDOW_UPDATE per quarter window.
-        self._update_threshold = initial_window // 4
+        self._budget = budget
         self._peer_window = 0
         self._streams: dict[int, _Stream] = {}
         self._next_local_id = 1 if role is Role.CLIENT else 2
@@ -527,6 +454,7 @@ class Connection:
         if fin:
             stream.state = next_state(stream.state, StreamTransition.RECV_FIN)
             stream.pending_credit = 0
+            self._release(stream)
             events.append(StreamEnded(stream_id))
             if stream.state is StreamState.CLOSED:
                 del self._streams[stream_id]
@@ -573,7 +501,7 @@ class Connection:
             stream.dial_pending = False
             events.append(DialSucceeded(stream_id))
         else:
-            del self._streams[stream_id]
+            self._drop(stream_id)
             events.append(DialFailed(stream_id, error, message))
 
     def _on_window_update(
@@ -603,7 +531,7 @@ class Connection:
             code = ErrorCode(decode_u32(payload))
         except ValueError as exc:
             raise ProtocolError(ErrorCode.PROTOCOL_ERROR, f"malformed RESET frame: {exc}") from exc
-        del self._streams[stream_id]
+        self._drop(stream_id)
         events.append(StreamReset(stream_id, code))
 
     def _on_control(self, flags: int, stream_id: int, payload: bytes, events: list[Event]) -> None:
@@ -623,8 +551,20 @@ class Connection:
         self._close()
         events.append(ConnectionClosed(code, reason))
 
+    def _release(self, stream: _Stream) -> None:
+        """The stream will receive nothing more: its window growth goes back to the
+        connection's budget."""
+        if self._budget is not None and stream.window != self._initial_window:
+            self._budget.release(stream.window, self._initial_window)
+            stream.window = self._initial_window
+
+    def _drop(self, stream_id: int) -> None:
+        self._release(self._streams.pop(stream_id))
+
     def _close(self) -> None:
         self.state = ConnectionState.CLOSED
+        for stream in self._streams.values():
+            self._release(stream)
         self._streams.clear()
         self._head.clear()
         self._pieces.clear()
@@ -688,7 +628,7 @@ class Connection:
         stream = self._stream(stream_id)
         if stream.local or not stream.dial_pending:
             raise LocalProtocolError(f"stream {stream_id} has no dial awaiting a result")
-        del self._streams[stream_id]
+        self._drop(stream_id)
         payload = encode_dial_result(error, message)
         self._out.append(frame(FrameType.DIAL_RESULT, 0, stream_id, payload))
 
@@ -756,7 +696,7 @@ class Connection:
         stream.state = next_state(stream.state, StreamTransition.SEND_FIN)
         self._out.append(HEADER.pack(FrameType.DATA, FLAG_FIN, stream_id, 0))
         if stream.state is StreamState.CLOSED:
-            del self._streams[stream_id]
+            del self._streams[stream_id]  # FIN already received: credit released then
 
     def reset_stream(self, stream_id: int, code: ErrorCode = ErrorCode.CANCEL) -> None:
         """Abort both directions. Resetting a stream that is already gone does nothing,
@@ -765,13 +705,15 @@ class Connection:
             self._stream(stream_id)
         except StreamClosedError:
             return
-        del self._streams[stream_id]
+        self._drop(stream_id)
         self._out.append(FRAME_U32.pack(FrameType.RESET, 0, stream_id, 4, code))
 
     def consume(self, stream_id: int, size: int) -> None:
         """Declare ``size`` received bytes delivered to the application, returning them
         to the peer as credit. Credit is batched until it reaches a quarter of the
-        window, so bulk transfers cost one WINDOW_UPDATE per 64 KiB by default. A
+        stream's window, so a bulk transfer costs four WINDOW_UPDATEs per window; a
+        quarter keeps the sender streaming, as three quarters of the window stay granted
+        to a drained receiver. With a budget, each return may also grow the window. A
         stream that is gone is ignored: the application may still be draining data
         received before a reset."""
         try:
@@ -787,9 +729,18 @@ class Connection:
         if stream.state not in _CAN_RECEIVE:
             return  # the peer has sent FIN and needs no more credit
         stream.pending_credit += size
-        if stream.pending_credit >= self._update_threshold:
+        if stream.pending_credit >= stream.window >> 2:
             increment = stream.pending_credit
             stream.pending_credit = 0
+            if self._budget is not None and stream.protocol is IPProtocol.TCP:
+                # Datagram streams keep their window: a dropped datagram is cheaper
+                # than memory, and they carry little.
+                stream.since_resize += increment
+                window = self._budget.resize(stream.window, stream.since_resize)
+                if window != stream.window:
+                    increment += window - stream.window
+                    stream.window = window
+                    stream.since_resize = 0
             stream.recv_credit += increment
             self._out.append(FRAME_U32.pack(FrameType.WINDOW_UPDATE, 0, stream_id, 4, increment))
 
