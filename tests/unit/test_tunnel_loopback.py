@@ -20,6 +20,7 @@ from telepresence.manager.server import POLICY_REFUSAL, Manager, TunnelConnectio
 from telepresence.tunnel.flows import SocketFlow
 from telepresence.tunnel.frames import Dial, DialError, IPProtocol
 from telepresence.tunnel.messages import ClusterInfo
+from telepresence.tunnel.protocol import StreamEnded
 from tests.unit.waiting import until
 
 INFO = ClusterInfo(("10.96.0.0/16",), ("10.244.0.0/24",), "cluster.local", "10.96.0.10")
@@ -547,3 +548,55 @@ async def test_a_stopping_manager_gives_up_waiting_at_its_deadline(world: World)
     loop = asyncio.get_running_loop()
     assert not await world.manager.drained(deadline=loop.time() + 0.3)
     assert world.manager.connections
+
+
+async def test_a_program_that_resets_as_the_cluster_side_finishes_ends_only_its_own_flow(
+    world: World,
+) -> None:
+    """The race seen under a rollout: the program resets its socket (SO_LINGER 0) and the
+    cluster side's FIN arrives before asyncio has noticed. Half-closing that socket fails
+    (ENOTCONN); that must end this flow alone, not the link and every flow on it."""
+    await world.pool.start()
+    survivor_reader, survivor_writer = await _splice(world, world.echo_port)
+    survivor_writer.write(b"before")
+    assert await asyncio.wait_for(survivor_reader.readexactly(6), 10) == b"before"
+
+    loop = asyncio.get_running_loop()
+    listener = socket.create_server(("127.0.0.1", 0))
+    client = socket.create_connection(listener.getsockname())
+    theirs, _ = listener.accept()
+    listener.close()
+    theirs.setblocking(False)
+    flow = SocketFlow()
+    stream = world.pool.open_stream(Dial(IPProtocol.TCP, "127.0.0.1", world.echo_port), flow)
+    flow.attach(stream)
+    await loop.connect_accepted_socket(lambda: flow, theirs)
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    client.close()  # RST, which the kernel applies to `theirs` at once on loopback
+    tunnel = stream.tunnel
+    tunnel._dispatch(StreamEnded(stream.id))  # the FIN, before the loop runs again
+    assert stream.closed
+    assert not tunnel.closed
+
+    survivor_writer.write(b"after")
+    assert await asyncio.wait_for(survivor_reader.readexactly(5), 10) == b"after"
+
+
+async def test_a_failing_flow_handler_resets_its_stream_and_spares_the_link(
+    world: World,
+) -> None:
+    await world.pool.start()
+    survivor_reader, survivor_writer = await _splice(world, world.echo_port)
+
+    class Broken(SocketFlow):
+        def stream_data(self, data: bytes) -> None:
+            raise RuntimeError("a bug in one flow")
+
+    broken = Broken()
+    stream = world.pool.open_stream(Dial(IPProtocol.TCP, "127.0.0.1", world.echo_port), broken)
+    broken.attach(stream)
+    stream.write(b"echo me")  # the echo comes back and the handler raises
+    await until(lambda: stream.closed, "the broken flow's stream to be reset", timeout=10)
+    assert not stream.tunnel.closed
+    survivor_writer.write(b"still here")
+    assert await asyncio.wait_for(survivor_reader.readexactly(10), 10) == b"still here"

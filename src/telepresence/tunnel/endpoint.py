@@ -256,8 +256,23 @@ class Tunnel:
             self.connection_lost(f"protocol error: {e}")
             return
         for event in events:
-            self._dispatch(event)
+            try:
+                self._dispatch(event)
+            except Exception:
+                self._handler_failed(event)
         self.flush()
+
+    def _handler_failed(self, event: object) -> None:
+        """One flow's failure must not end the connection and every other flow on it:
+        reset that stream alone (a bug, so logged with its traceback)."""
+        log.exception("handling %s failed; resetting its stream", type(event).__name__)
+        stream_id = getattr(event, "stream_id", 0)
+        stream = self.streams.get(stream_id) if stream_id else None
+        if stream is not None and not self.closed:
+            stream.reset(ErrorCode.INTERNAL_ERROR)
+            if stream.handler is not None:
+                with contextlib.suppress(Exception):
+                    stream.handler.stream_reset()
 
     def _dispatch(self, event: object) -> None:
         if isinstance(event, DataReceived):

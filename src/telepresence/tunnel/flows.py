@@ -143,7 +143,16 @@ class SocketFlow(asyncio.Protocol):
             return
         self._peer_eof = True
         if not transport.is_closing() and transport.can_write_eof():
-            transport.write_eof()
+            try:
+                transport.write_eof()
+            except OSError:
+                # The program already reset its socket and asyncio has not noticed yet
+                # (ENOTCONN): the flow is over both ways.
+                if self.stream is not None:
+                    self.stream.reset()
+                abort_with_reset(transport)
+                self._finish()
+                return
         self._maybe_finished()
 
     def stream_reset(self) -> None:
