@@ -61,6 +61,15 @@ def _expected_sha256(size: int) -> str:
 
 @pytest.fixture(scope="module")
 def app(cluster: Cluster) -> Iterator[str]:
+    # A namespace of that name still terminating from an earlier run would refuse the app.
+    wait_for(
+        lambda: (
+            cluster.kubectl("get", "namespace", NS, check=False).returncode != 0
+            or "Terminating" not in cluster.kubectl("get", "namespace", NS).stdout
+        ),
+        timeout=120,
+        what=f"namespace {NS} not terminating",
+    )
     cluster.kubectl("create", "namespace", NS, check=False)
     cluster.kubectl("apply", "-f", "-", input=http_app_manifest(name="web", namespace=NS))
     cluster.kubectl("rollout", "status", "-n", NS, "deployment/web", "--timeout=120s")
@@ -74,12 +83,19 @@ def _manager_pods(cluster: Cluster) -> list[dict[str, object]]:
     return list(listing["items"])  # type: ignore[index]
 
 
-def _one_ready_manager(cluster: Cluster) -> bool:
+def _ready_managers(cluster: Cluster, count: int) -> bool:
     pods = _manager_pods(cluster)
-    return len(pods) == 1 and all(
-        c["type"] != "Ready" or c["status"] == "True"
-        for c in pods[0]["status"].get("conditions", [])  # type: ignore[index, union-attr]
+    return len(pods) == count and all(
+        any(
+            c["type"] == "Ready" and c["status"] == "True"
+            for c in pod["status"].get("conditions", [])  # type: ignore[index, union-attr]
+        )
+        for pod in pods
     )
+
+
+def _one_ready_manager(cluster: Cluster) -> bool:
+    return _ready_managers(cluster, 1)
 
 
 class Traffic:
@@ -162,3 +178,29 @@ def test_deleting_the_only_manager_pod_fails_no_connection(cluster: Cluster, app
     results, sha256 = traffic.finish()
     slowest = _check(results, sha256)
     print(f"graceful delete: {len(results)} new connections, slowest {slowest:.3f} s")
+
+
+def test_a_rollout_restart_with_two_replicas_fails_no_connection(
+    cluster: Cluster, app: str
+) -> None:
+    connect(cluster)
+    cluster.kubectl("scale", *MANAGER, "deployment/traffic-manager", "--replicas=2")
+    try:
+        wait_for(lambda: _ready_managers(cluster, 2), timeout=120, what="two ready managers")
+        old = {p["metadata"]["name"] for p in _manager_pods(cluster)}  # type: ignore[index]
+        traffic = Traffic(cluster, app)
+        cluster.kubectl("rollout", "restart", *MANAGER, "deployment/traffic-manager")
+        cluster.kubectl(
+            "rollout", "status", *MANAGER, "deployment/traffic-manager", "--timeout=180s"
+        )
+        wait_for(
+            lambda: not old & {p["metadata"]["name"] for p in _manager_pods(cluster)},  # type: ignore[index]
+            timeout=120,
+            what="both old manager pods to be gone",
+        )
+        results, sha256 = traffic.finish()
+        slowest = _check(results, sha256)
+        print(f"two replicas: {len(results)} new connections, slowest {slowest:.3f} s")
+    finally:
+        cluster.kubectl("scale", *MANAGER, "deployment/traffic-manager", "--replicas=1")
+        wait_for(lambda: _one_ready_manager(cluster), timeout=120, what="one ready manager")
