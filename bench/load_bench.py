@@ -256,7 +256,7 @@ def main() -> None:
             stall["daemon bound MB"] = daemon_bound(args.stalled + 1) / MB
             if rounds == 1:
                 report.update(hold=hold, rate=rate, stall=stall)
-                warm_at = sampler.take()
+                warm_at = settled(sampler) if args.soak_minutes else None
             if time.monotonic() >= soak_until:
                 break
         if args.soak_minutes:

@@ -167,6 +167,7 @@ async def rate(host: str, ports: list[int], seconds: float, concurrency: int) ->
             "connections": sum(per_second.values()),
             "per s mean": sum(full) / len(full),
             "per s min": min(full),
+            "per s": full,
             **percentiles(latencies),
             **errors.summary(),
         }

@@ -232,6 +232,15 @@ def role_binding(namespace: str) -> Obj:
     }
 
 
+#: The manager dials every laptop flow itself, and when the laptop's program closes first
+#: the manager's socket is the one left in TIME_WAIT for a minute. With the kernel's
+#: default range (32768-60999) that caps new connections to any one pod port near 470 a
+#: second; a pod's own range is a "safe" sysctl that every cluster allows (Pod Security
+#: "restricted" included), and widening it more than doubles that. The listening ports
+#: inside it are skipped by the kernel when it picks a source port.
+LOCAL_PORT_RANGE = "1024 65535"
+
+
 def _restricted_security_context() -> Obj:
     return {
         "runAsNonRoot": True,
@@ -328,6 +337,7 @@ def deployment(
             "runAsUser": RUN_AS_USER,
             "runAsGroup": RUN_AS_USER,
             "seccompProfile": {"type": "RuntimeDefault"},
+            "sysctls": [{"name": "net.ipv4.ip_local_port_range", "value": LOCAL_PORT_RANGE}],
         },
         "containers": [container],
     }
