@@ -37,6 +37,7 @@ from typing import Any
 from devcluster.cli import kubectl as admin_kubectl
 from devcluster.fixtures import deployment, http_app_manifest, to_yaml
 from devcluster.images import TCP_ECHO_IMAGE
+from devcluster.procs import command_lines
 from devcluster.settings import Settings
 from telepresence.tunnel.endpoint import RECEIVE_BUDGET, STREAM_INITIAL_WINDOW
 from telepresence.tunnel.flows import PAUSE_READING_AT, WRITE_BUFFER_LIMIT
@@ -83,16 +84,7 @@ def kubectl(*args: str, input: str | None = None) -> str:
 
 
 def find_pid(marker: str) -> int | None:
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        if marker in cmdline:
-            return int(proc.name)
-    return None
+    return next((pid for pid, cmdline in command_lines() if marker in cmdline), None)
 
 
 @dataclass

@@ -140,9 +140,9 @@ def _check(results: list[dict[str, object]], sha256: str) -> float:
     return max(float(r["took"]) for r in results)  # type: ignore[arg-type]
 
 
-def test_a_rollout_restart_fails_no_connection_and_no_download(cluster: Cluster, app: str) -> None:
-    connect(cluster)
-    wait_for(lambda: _one_ready_manager(cluster), timeout=120, what="one ready manager")
+def _restart_under_traffic(cluster: Cluster, app: str) -> tuple[set[str], float, int]:
+    """`kubectl rollout restart` while the probe and the download run; returns the old
+    pods, the slowest new connection and how many there were, all of them checked."""
     old = {p["metadata"]["name"] for p in _manager_pods(cluster)}  # type: ignore[index]
     traffic = Traffic(cluster, app)
     cluster.kubectl("rollout", "restart", *MANAGER, "deployment/traffic-manager")
@@ -150,11 +150,17 @@ def test_a_rollout_restart_fails_no_connection_and_no_download(cluster: Cluster,
     wait_for(
         lambda: not old & {p["metadata"]["name"] for p in _manager_pods(cluster)},  # type: ignore[index]
         timeout=120,
-        what="the old manager pod to be gone",
+        what="the old manager pods to be gone",
     )
     results, sha256 = traffic.finish()
-    slowest = _check(results, sha256)
-    print(f"rollout restart: {len(results)} new connections, slowest {slowest:.3f} s")
+    return old, _check(results, sha256), len(results)
+
+
+def test_a_rollout_restart_fails_no_connection_and_no_download(cluster: Cluster, app: str) -> None:
+    connect(cluster)
+    wait_for(lambda: _one_ready_manager(cluster), timeout=120, what="one ready manager")
+    old, slowest, count = _restart_under_traffic(cluster, app)
+    print(f"rollout restart: {count} new connections, slowest {slowest:.3f} s")
     status = json.loads(cluster.laptop("telepresence", "status", "-o", "json").stdout)
     assert status["user_daemon"]["manager_pod"] not in old
 
@@ -187,20 +193,8 @@ def test_a_rollout_restart_with_two_replicas_fails_no_connection(
     cluster.kubectl("scale", *MANAGER, "deployment/traffic-manager", "--replicas=2")
     try:
         wait_for(lambda: _ready_managers(cluster, 2), timeout=120, what="two ready managers")
-        old = {p["metadata"]["name"] for p in _manager_pods(cluster)}  # type: ignore[index]
-        traffic = Traffic(cluster, app)
-        cluster.kubectl("rollout", "restart", *MANAGER, "deployment/traffic-manager")
-        cluster.kubectl(
-            "rollout", "status", *MANAGER, "deployment/traffic-manager", "--timeout=180s"
-        )
-        wait_for(
-            lambda: not old & {p["metadata"]["name"] for p in _manager_pods(cluster)},  # type: ignore[index]
-            timeout=120,
-            what="both old manager pods to be gone",
-        )
-        results, sha256 = traffic.finish()
-        slowest = _check(results, sha256)
-        print(f"two replicas: {len(results)} new connections, slowest {slowest:.3f} s")
+        _, slowest, count = _restart_under_traffic(cluster, app)
+        print(f"two replicas: {count} new connections, slowest {slowest:.3f} s")
     finally:
         cluster.kubectl("scale", *MANAGER, "deployment/traffic-manager", "--replicas=1")
         wait_for(lambda: _one_ready_manager(cluster), timeout=120, what="one ready manager")

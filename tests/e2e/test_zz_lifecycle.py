@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
+from devcluster.procs import command_lines
 from devcluster.settings import LAPTOP_USER, Settings
 from tests.e2e.cluster import Cluster
 
@@ -33,13 +34,7 @@ def _host_state() -> dict[str, str]:
 def _cluster_processes(cluster: Cluster) -> list[str]:
     cache = str(cluster.settings.paths.cache)
     found = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
+    for _, cmdline in command_lines():
         if (
             cache in cmdline
             or "devcluster.supervisor" in cmdline

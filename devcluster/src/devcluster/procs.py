@@ -8,7 +8,7 @@ import ctypes
 import logging
 import os
 import signal
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 log = logging.getLogger("devcluster")
@@ -90,3 +90,16 @@ class Supervised:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+
+
+def command_lines() -> Iterator[tuple[int, str]]:
+    """Every process on the machine with its command line (arguments joined by spaces),
+    for tests and benchmarks that look for a process; ones that vanish are skipped."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        yield int(proc.name), cmdline
