@@ -39,6 +39,7 @@ from devcluster.fixtures import deployment, http_app_manifest, to_yaml
 from devcluster.images import TCP_ECHO_IMAGE
 from devcluster.procs import command_lines
 from devcluster.settings import Settings
+from telepresence.manager import config
 from telepresence.tunnel.endpoint import RECEIVE_BUDGET, STREAM_INITIAL_WINDOW
 from telepresence.tunnel.flows import PAUSE_READING_AT, WRITE_BUFFER_LIMIT
 
@@ -64,6 +65,11 @@ def daemon_bound(streams: int) -> int:
     its initial window, what the local socket may buffer, and what waits for credit."""
     per_stream = STREAM_INITIAL_WINDOW + WRITE_BUFFER_LIMIT + PAUSE_READING_AT + 256 * 1024
     return DAEMON_BASELINE + RECEIVE_BUDGET + streams * per_stream
+
+
+def manager_bound(streams: int) -> int:
+    """The manager's sizing (manager/config.py) for one laptop link and this many streams."""
+    return config.BASELINE + config.LINK_WORST_CASE + streams * config.STREAM_WORST_CASE
 
 
 def run(*cmd: str, input: str | None = None, timeout: float = 900) -> str:
@@ -246,6 +252,7 @@ def main() -> None:
                 sampler.peak("manager", marks["stalling"], marks["released"]) / MB
             )
             stall["daemon bound MB"] = daemon_bound(args.stalled + 1) / MB
+            stall["manager bound MB"] = manager_bound(args.stalled + 1) / MB
             if rounds == 1:
                 report.update(hold=hold, rate=rate, stall=stall)
                 warm_at = settled(sampler) if args.soak_minutes else None
@@ -303,7 +310,11 @@ def print_report(report: dict[str, Any], args: argparse.Namespace) -> None:
             f"{stall['daemon peak MB']:.0f}",
             f"<= {stall['daemon bound MB']:.0f} (bound)",
         ),
-        ("stall: manager peak RSS MB", f"{stall['manager peak MB']:.0f}", ""),
+        (
+            "stall: manager peak RSS MB",
+            f"{stall['manager peak MB']:.0f}",
+            f"<= {stall['manager bound MB']:.0f} (sizing)",
+        ),
     ]
     if "soak" in report:
         soak = report["soak"]
