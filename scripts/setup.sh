@@ -6,9 +6,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # runc, CNI plugins: devcluster's node; mmdebstrap: its images; gcc, libc6-dev, binutils: the
-# static pause binary; dbus-daemon: the laptop's system bus in the resolved DNS flavours.
+# static pause binary; dbus-daemon: the laptop's system bus in the resolved DNS flavours;
+# iperf3: the benchmark suite's kernel-speed far end and client.
 packages=(nftables dnsmasq-base sudo dnsutils iproute2 procps psmisc util-linux python3-venv curl
-  ca-certificates runc containernetworking-plugins mmdebstrap gcc libc6-dev binutils dbus-daemon)
+  ca-certificates runc containernetworking-plugins mmdebstrap gcc libc6-dev binutils dbus-daemon
+  iperf3)
 missing=()
 for p in "${packages[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if ((${#missing[@]})); then

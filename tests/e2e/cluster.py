@@ -222,20 +222,8 @@ class Cluster:
         return path
 
     def container_pids(self, pod: dict[str, Any]) -> list[int]:
-        """Processes of a pod's app containers, found from the host through the kubelet's
-        cgroups (the pause process left out)."""
-        uid = pod["metadata"]["uid"]
-        root = Path("/sys/fs/cgroup/pids") / node.CGROUP_ROOT / "kubepods"
-        pids = []
-        for procs in root.glob(f"**/pod{uid}/*/cgroup.procs"):
-            for pid in procs.read_text().split():
-                try:
-                    cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-                except FileNotFoundError:
-                    continue
-                if cmdline and not cmdline.startswith(b"/pause"):
-                    pids.append(int(pid))
-        return sorted(pids)
+        """Processes of a pod's app containers (the pause process left out)."""
+        return node.pod_app_pids(pod["metadata"]["uid"])
 
     def pod_cgroups(self, pod: dict[str, Any]) -> list[Path]:
         root = Path("/sys/fs/cgroup")

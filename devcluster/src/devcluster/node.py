@@ -452,3 +452,19 @@ def teardown(settings: Settings) -> None:
     if d.exists():
         # Overlay upper dirs may hold files of any uid and mode; plain rm copes.
         run(["rm", "-rf", "--one-file-system", str(d)], check=False, timeout=300)
+
+
+def pod_app_pids(uid: str) -> list[int]:
+    """Processes of a pod's app containers (the pause process left out), found from the host
+    through the kubelet's cgroups: for tests and benchmarks that enter a pod's namespaces."""
+    root = Path("/sys/fs/cgroup/pids") / CGROUP_ROOT / "kubepods"
+    pids = []
+    for procs in root.glob(f"**/pod{uid}/*/cgroup.procs"):
+        for pid in procs.read_text().split():
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except FileNotFoundError:
+                continue
+            if cmdline and not cmdline.startswith(b"/pause"):
+                pids.append(int(pid))
+    return sorted(pids)

@@ -1,0 +1,98 @@
+"""The suite's results as a table with ratios, and as a chart for the README."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+PATHS = ("direct", "port-forward", "telepresence")
+
+
+def _get(result: dict[str, Any], *keys: str) -> float | None:
+    value: Any = result
+    for key in keys:
+        if not isinstance(value, dict) or key not in value:
+            return None
+        value = value[key]
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+#: (label, keys into one path's result, higher is better)
+ROWS: list[tuple[str, tuple[str, ...], bool]] = [
+    ("up MiB/s", ("up", "MiB/s"), True),
+    ("down MiB/s", ("down", "MiB/s"), True),
+    ("down x4 MiB/s", ("down x4", "MiB/s"), True),
+    ("latency p50 ms", ("latency ms", "p50"), False),
+    ("latency p99 ms", ("latency ms", "p99"), False),
+    ("connections/s", ("connections", "per s"), True),
+    ("UDP loss % @100M", ("udp", "loss %"), False),
+    ("DNS cluster p50 ms", ("dns cluster ms", "p50"), False),
+    ("DNS cluster p99 ms", ("dns cluster ms", "p99"), False),
+    ("DNS laptop p50 ms", ("dns laptop ms", "p50"), False),
+    ("DNS laptop p99 ms", ("dns laptop ms", "p99"), False),
+    ("connect s", ("connect s",), False),
+    ("quit s", ("quit s",), False),
+]
+
+
+def render_table(results: dict[str, Any]) -> str:
+    def cell(value: float | None) -> str:
+        return "-" if value is None else f"{value:.2f}" if value < 100 else f"{value:.0f}"
+
+    header = f"{'':<20}" + "".join(f"{p:>14}" for p in PATHS) + f"{'tp/pf':>8}{'tp/direct':>10}"
+    lines = [header]
+    for label, keys, _ in ROWS:
+        values = [_get(results.get(p, {}), *keys) for p in PATHS]
+        direct, pf, tp = values
+        ratio_pf = f"{tp / pf:.2f}" if tp is not None and pf else "-"
+        ratio_direct = f"{tp / direct:.2f}" if tp is not None and direct else "-"
+        lines.append(
+            f"{label:<20}"
+            + "".join(f"{cell(v):>14}" for v in values)
+            + f"{ratio_pf:>8}{ratio_direct:>10}"
+        )
+    lines.append("")
+    lines.append("CPU seconds per GiB moved (down):")
+    for path in PATHS:
+        cpu = results.get(path, {}).get("cpu s/GiB") or {}
+        if cpu:
+            parts = ", ".join(f"{name} {value:.2f}" for name, value in sorted(cpu.items()))
+            lines.append(f"  {path:<14}{parts}  (total {sum(cpu.values()):.2f})")
+    lines.append("")
+    lines.append("laptop DNS: before connecting in port-forward's column, connected in ours")
+    return "\n".join(lines)
+
+
+def render_chart(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (bulk, latency, cpu) = plt.subplots(1, 3, figsize=(14, 4.2))
+    groups = [("up", "up"), ("down", "down"), ("down x4", "down x4")]
+    width = 0.25
+    for i, name in enumerate(PATHS):
+        values = [_get(results.get(name, {}), key, "MiB/s") or 0 for _, key in groups]
+        bulk.bar([g + (i - 1) * width for g in range(len(groups))], values, width, label=name)
+    bulk.set_xticks(range(len(groups)), [label for label, _ in groups])
+    bulk.set_ylabel("MiB/s (iperf3)")
+    bulk.set_title("Bulk throughput")
+    bulk.legend()
+    for i, name in enumerate(PATHS):
+        values = [_get(results.get(name, {}), "latency ms", q) or 0 for q in ("p50", "p99")]
+        latency.bar([g + (i - 1) * width for g in range(2)], values, width, label=name)
+    latency.set_xticks(range(2), ["p50", "p99"])
+    latency.set_ylabel("ms, fresh connection per request")
+    latency.set_title("HTTP request latency")
+    names = sorted({k for p in PATHS for k in (results.get(p, {}).get("cpu s/GiB") or {})})
+    bottoms = [0.0] * len(PATHS)
+    for process in names:
+        values = [(results.get(p, {}).get("cpu s/GiB") or {}).get(process, 0.0) for p in PATHS]
+        cpu.bar(PATHS, values, bottom=bottoms, label=process)
+        bottoms = [b + v for b, v in zip(bottoms, values, strict=True)]
+    cpu.set_ylabel("CPU seconds per GiB")
+    cpu.set_title("CPU per GiB downloaded")
+    cpu.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)

@@ -1,0 +1,215 @@
+"""The benchmark suite: every path to one target pod, measured in one run, in rounds.
+
+    sudo /opt/telepresence-dev/venv/bin/python bench/suite.py [--rounds 3] [--seconds 5]
+
+Paths (bench/contenders.py): `direct` from a pod's network, no tunnel; `port-forward`,
+`kubectl port-forward` in the laptop; `telepresence`, connected. Each round visits every
+path in a rotated order (BENCH.md: alternate, then take medians). Per path:
+
+  up, down, down x4   iperf3 MiB/s, laptop to pod, pod to laptop, pod to laptop on 4 flows
+  latency p50/p99     ms per HTTP request on a fresh connection
+  connections/s       fresh connections, one echo each, 16 workers
+  UDP loss            iperf3 -u at 100 Mbit/s, laptop to pod (not through port-forward)
+  DNS p50/p99         a cluster name where the path resolves one; the laptop's own name
+                      before connecting and while connected
+  CPU s/GiB           user+system seconds per GiB moved during `down`, per process
+  connect/quit s      telepresence only, the manager already installed
+
+Output: a table with ratios to port-forward and to direct, the JSON (`--json`), and a chart
+(`--chart`, docs/bench.png by default) that the README shows. Run as root, devcluster up,
+the product installed in the laptop (scripts/install-laptop.sh).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from bench import probes
+from bench.chart import render_chart, render_table
+from bench.contenders import (
+    ECHO,
+    HTTP,
+    IPERF,
+    Contender,
+    Direct,
+    PortForward,
+    Telepresence,
+    in_laptop,
+)
+from devcluster.cli import kubectl as admin_kubectl
+from devcluster.fixtures import deployment, to_yaml
+from devcluster.images import HTTP_IMAGE, TCP_ECHO_IMAGE
+from devcluster.node import pod_app_pids
+from devcluster.settings import Settings
+
+NS = "bench-suite"
+NAME = "target"
+HERE = Path(__file__).parent
+#: A name the laptop's own resolver answers (devcluster's dnsmasq), for the non-cluster DNS
+#: figures.
+LAPTOP_NAME = "www.example.test"
+
+
+def kubectl(*args: str, input: str | None = None) -> str:
+    return admin_kubectl(Settings(), *args, input=input).stdout
+
+
+def target_manifest() -> str:
+    """One pod with the HTTP server and the TCP echo, and a Service with those ports and
+    iperf3's (TCP and UDP), which bench/suite.py starts inside the pod's network."""
+    objects = deployment(
+        name=NAME, namespace=NS, image=HTTP_IMAGE, port=HTTP, args=["--port", str(HTTP)]
+    )
+    pod = objects[0]["spec"]["template"]["spec"]  # type: ignore[index]
+    pod["containers"].append(
+        {
+            "name": "echo",
+            "image": TCP_ECHO_IMAGE,
+            "args": ["--port", str(ECHO)],
+            "ports": [{"containerPort": ECHO, "protocol": "TCP"}],
+        }
+    )
+    objects[1]["spec"]["ports"] = [  # type: ignore[index]
+        {"name": "http", "port": HTTP, "targetPort": HTTP, "protocol": "TCP"},
+        {"name": "echo", "port": ECHO, "targetPort": ECHO, "protocol": "TCP"},
+        {"name": "iperf", "port": IPERF, "targetPort": IPERF, "protocol": "TCP"},
+        {"name": "iperf-udp", "port": IPERF, "targetPort": IPERF, "protocol": "UDP"},
+    ]
+    return to_yaml(objects)
+
+
+def deploy() -> tuple[str, str, subprocess.Popen[bytes]]:
+    """The target pod, ready, with an iperf3 server in its network; returns the pod's
+    name, the Service's ClusterIP and the server process."""
+    if f"namespace/{NS}" not in kubectl("get", "ns", "-o", "name").split():
+        kubectl("create", "namespace", NS)
+    kubectl("apply", "-f", "-", input=target_manifest())
+    kubectl("rollout", "status", f"deployment/{NAME}", "-n", NS, "--timeout=180s")
+    pods = json.loads(kubectl("get", "pods", "-n", NS, "-l", f"app={NAME}", "-o", "json"))
+    pod = next(p for p in pods["items"] if not p["metadata"].get("deletionTimestamp"))
+    pids = pod_app_pids(pod["metadata"]["uid"])
+    if not pids:
+        raise SystemExit(f"no process of pod {pod['metadata']['name']} found")
+    pid = pids[0]
+    # One test at a time, which is how the suite uses it.
+    server = subprocess.Popen(
+        ["nsenter", "-t", str(pid), "-n", "iperf3", "-s", "-p", str(IPERF)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    ip = kubectl("get", "svc", NAME, "-n", NS, "-o", "jsonpath={.spec.clusterIP}").strip()
+    return pod["metadata"]["name"], ip, server
+
+
+def client_scripts() -> dict[str, Path]:
+    """The Python clients as files every user can read (the laptop runs them as its user)."""
+    folder = Path(tempfile.mkdtemp(prefix="tp-suite-"))
+    folder.chmod(0o755)
+    scripts = {
+        "latency": probes.LATENCY_CLIENT,
+        "dns": probes.DNS_CLIENT,
+        "load": (HERE / "loadclient.py").read_text(),
+    }
+    paths = {}
+    for name, text in scripts.items():
+        path = folder / f"{name}.py"
+        path.write_text(text)
+        path.chmod(0o644)
+        paths[name] = path
+    return paths
+
+
+def measure(
+    contender: Contender, scripts: dict[str, Path], *, seconds: int, requests: int
+) -> dict[str, Any]:
+    result: dict[str, Any] = dict(contender.start())
+    try:
+        host, ports = contender.host, contender.ports
+        run = contender.run
+        result["up"] = probes.iperf_tcp(run, host, ports[IPERF], reverse=False, seconds=seconds)
+        pids = contender.pids()
+        before = probes.cpu_seconds(pids)
+        down = probes.iperf_tcp(run, host, ports[IPERF], reverse=True, seconds=seconds)
+        after = probes.cpu_seconds(pids)
+        result["down"] = down
+        if "bytes" in down:
+            result["cpu s/GiB"] = probes.cpu_per_gib(before, after, down["bytes"])
+        result["down x4"] = probes.iperf_tcp(
+            run, host, ports[IPERF], reverse=True, flows=4, seconds=seconds
+        )
+        result["latency ms"] = probes.latency(run, scripts["latency"], host, ports[HTTP], requests)
+        result["connections"] = probes.connection_rate(
+            run, scripts["load"], host, ports[ECHO], seconds
+        )
+        if contender.udp:
+            result["udp"] = probes.iperf_udp(run, host, ports[IPERF], mbit=100, seconds=seconds)
+        if not isinstance(contender, PortForward):
+            result["dns cluster ms"] = probes.dns(run, scripts["dns"], f"{NAME}.{NS}", 300)
+        if contender.in_laptop:
+            result["dns laptop ms"] = probes.dns(run, scripts["dns"], LAPTOP_NAME, 300)
+    finally:
+        result.update(contender.stop())
+    return result
+
+
+def median_of(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """The per-key median over rounds, recursively; non-numbers from the first round."""
+    first = rounds[0]
+    out: dict[str, Any] = {}
+    for key, value in first.items():
+        values = [r[key] for r in rounds if key in r]
+        if isinstance(value, dict):
+            out[key] = median_of(values)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[key] = statistics.median(values)
+        else:
+            out[key] = value
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=int, default=5)
+    parser.add_argument("--requests", type=int, default=200)
+    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--chart", type=Path, default=HERE.parent / "docs" / "bench.png")
+    args = parser.parse_args()
+    pod, cluster_ip, server = deploy()
+    scripts = client_scripts()
+    in_laptop("telepresence", "quit")
+    contenders: list[Contender] = [
+        Direct("direct", host=cluster_ip),
+        PortForward("port-forward", namespace=NS, pod=pod),
+        Telepresence("telepresence", cluster_ip=cluster_ip),
+    ]
+    rounds: dict[str, list[dict[str, Any]]] = {c.name: [] for c in contenders}
+    try:
+        for index in range(args.rounds):
+            order = contenders[index % len(contenders) :] + contenders[: index % len(contenders)]
+            for contender in order:
+                print(f"round {index + 1}: {contender.name}", file=sys.stderr, flush=True)
+                rounds[contender.name].append(
+                    measure(contender, scripts, seconds=args.seconds, requests=args.requests)
+                )
+    finally:
+        server.terminate()
+        in_laptop("telepresence", "quit", check=False)
+    results = {name: median_of(r) for name, r in rounds.items()}
+    results["rounds"] = rounds
+    print(render_table(results))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+    render_chart(results, args.chart)
+    print(f"chart: {args.chart}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
