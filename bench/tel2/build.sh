@@ -46,7 +46,23 @@ log "using $go_version, GOPROXY=$(go env GOPROXY)"
 
 cd "$here"
 mkdir -p "$cache_root"
-work=$(mktemp -d "$cache_root/.build-$TEL2_VERSION.XXXXXX")
+# Scratch space lives beside this script (git-ignored) at a fixed place and is
+# referred to by relative replace paths, because the binaries record replace
+# paths: this keeps them byte-identical whatever the checkout or cache path.
+# One build at a time per checkout.
+exec 9>"$here/.build.lock"
+if command -v flock >/dev/null; then
+	flock 9
+	if [[ -x $out/telepresence && -x $out/traffic ]]; then
+		log "built meanwhile by another run: $out"
+		echo "$out"
+		exit 0
+	fi
+fi
+work_rel=.work
+work=$here/$work_rel
+rm -rf "$work"
+mkdir -p "$work"
 trap 'rm -rf "$work"' EXIT
 
 # Fetch the pinned modules (go.sum checks them) and find the source tree.
@@ -87,7 +103,7 @@ chmod -R u+w "$work/src"
 cp "$defs" "$work/src/charts/telepresence-oss/k8s-defs.json"
 cp go.mod "$work/go.mod"
 cp go.sum "$work/go.sum"
-go mod edit -replace="$TEL2_MODULE=$work/src" "$work/go.mod"
+go mod edit -replace="$TEL2_MODULE=./$work_rel/src" "$work/go.mod"
 
 # Upstream builds against a fork of caarlos0/env whose Options.FuncMap
 # parsers win over a type's UnmarshalText (the traffic-manager's slog.Level
@@ -99,14 +115,14 @@ env_src=$(go list -m -f '{{.Dir}}' "$ENV_MODULE")
 cp -R "$env_src" "$work/env"
 chmod -R u+w "$work/env"
 (cd "$work/env" && GIT_CEILING_DIRECTORIES="$work" git apply -p1 "$here/patches/$ENV_PATCH") >&2
-go mod edit -replace="$ENV_MODULE=$work/env" "$work/go.mod"
+go mod edit -replace="$ENV_MODULE=./$work_rel/env" "$work/go.mod"
 
 pkg_version=$TEL2_MODULE/pkg/version
 ldflags="-s -w -X=$pkg_version.Version=$TEL2_VERSION -X=$pkg_version.HelmVersion=$helm_version"
 start=$(date +%s)
 for cmd in telepresence traffic; do
 	log "building $cmd"
-	CGO_ENABLED=0 go build -mod=readonly -trimpath -tags external_fuseftp \
+	CGO_ENABLED=0 go build -mod=readonly -trimpath -buildvcs=false -tags external_fuseftp \
 		-modfile="$work/go.mod" -ldflags="$ldflags" \
 		-o "$work/$cmd" "$TEL2_MODULE/cmd/$cmd" >&2
 done
@@ -116,8 +132,10 @@ mkdir -p "$out"
 cp "$defs" "$out/k8s-defs.json"
 printf 'version %s\nhelm %s\ngo %s\nk8s-defs %s\n' \
 	"$TEL2_VERSION" "$helm_version" "$go_version" "$defs_note" >"$out/BUILDINFO"
-# Move the binaries in last, traffic before telepresence, so that an
-# interrupted build is never taken for a finished one.
-mv -f "$work/traffic" "$out/traffic"
-mv -f "$work/telepresence" "$out/telepresence"
+# Install the binaries last, each by a rename within $out, traffic before
+# telepresence, so that an interrupted build is never taken for a finished one.
+for cmd in traffic telepresence; do
+	cp "$work/$cmd" "$out/.$cmd.tmp"
+	mv -f "$out/.$cmd.tmp" "$out/$cmd"
+done
 echo "$out"
