@@ -24,6 +24,9 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 cache_root=${TEL2_CACHE:-$HOME/.cache/telepresence-bench/tel2}
 [[ $cache_root == /* ]] || cache_root=$PWD/$cache_root
 out=$cache_root/$TEL2_VERSION
+if [[ -n ${TEL2_K8S_DEFS:-} && $TEL2_K8S_DEFS != /* ]]; then
+	TEL2_K8S_DEFS=$PWD/$TEL2_K8S_DEFS
+fi
 
 log() { printf 'tel2-build: %s\n' "$*" >&2; }
 
@@ -79,6 +82,8 @@ helm_version=$(go list -m -f '{{.Version}}' helm.sh/helm/v3)
 defs=$work/k8s-defs.json
 if [[ -n ${TEL2_K8S_DEFS:-} ]]; then
 	[[ -s $TEL2_K8S_DEFS ]] || { log "TEL2_K8S_DEFS=$TEL2_K8S_DEFS is not a readable file"; exit 1; }
+	grep -q '"definitions"' "$TEL2_K8S_DEFS" ||
+		{ log "TEL2_K8S_DEFS=$TEL2_K8S_DEFS has no \"definitions\" object"; exit 1; }
 	cp "$TEL2_K8S_DEFS" "$defs"
 	defs_note="from $TEL2_K8S_DEFS"
 else
