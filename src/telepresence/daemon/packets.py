@@ -53,13 +53,13 @@ def parse(packet: bytes) -> Datagram | None:
 
 
 def build(d: Datagram, *, ident: int = 0) -> bytes:
-    """An IPv4 packet carrying `d`, with both checksums computed."""
+    """An IPv4 packet carrying `d`. Only the 20-byte IP header gets a checksum: a UDP
+    checksum of 0 means "none" in IPv4 (RFC 768), which the kernel accepts, and the packet
+    only crosses this host's TUN, where nothing corrupts it. Summing every payload in
+    Python cost 17 µs per 1,200-byte datagram, most of the per-packet work."""
     length = _UDP.size + len(d.payload)
     src, dst = d.src.packed, d.dst.packed
-    pseudo = src + dst + struct.pack("!BBH", 0, UDP, length)
     udp_header = _UDP.pack(d.sport, d.dport, length, 0)
-    udp_sum = checksum(pseudo + udp_header + d.payload) or 0xFFFF
-    udp_header = _UDP.pack(d.sport, d.dport, length, udp_sum)
     total = 20 + length
     ip_header = _IP.pack(0x45, 0, total, ident & 0xFFFF, 0x4000, DEFAULT_TTL, UDP, 0, src, dst)
     ip_header = ip_header[:10] + struct.pack("!H", checksum(ip_header)) + ip_header[12:]
