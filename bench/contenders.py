@@ -84,6 +84,9 @@ class Contender:
     def stop(self) -> dict[str, float]:
         return {}
 
+    def ready(self) -> None:
+        """Called before each probe: bring the path back if the last probe broke it."""
+
     def pids(self) -> dict[str, int]:
         return {}
 
@@ -128,6 +131,13 @@ class PortForward(Contender):
             if time.monotonic() > deadline:
                 raise SystemExit("kubectl port-forward did not start within 60 s")
         return {}
+
+    def ready(self) -> None:
+        """kubectl port-forward exits ("lost connection to pod") when one forwarded
+        connection fails, as iperf3's upload does at its end (BENCH.md), and only some
+        time later: a fresh one for every probe."""
+        self.stop()
+        self.start()
 
     def stop(self) -> dict[str, float]:
         in_laptop("pkill", "-f", f"port-forward -n {self.namespace}", check=False)

@@ -67,6 +67,16 @@ def percentiles(samples: list[float], scale: float = 1.0) -> dict[str, float]:
     }
 
 
+def _iperf_json(out: str) -> dict[str, Any]:
+    """iperf3 -J's report; text it printed instead (an error before the test) is kept."""
+    try:
+        # A warning line may come first ("Size of data read does not correspond ...").
+        result: dict[str, Any] = json.loads(out[out.index("{") :])
+    except (ValueError, json.JSONDecodeError):
+        return {"error": out.strip()[:300] or "no output"}
+    return result
+
+
 def iperf_tcp(
     run: Run, host: str, port: int, *, reverse: bool, flows: int = 1, seconds: int = 5
 ) -> dict[str, Any]:
@@ -75,7 +85,7 @@ def iperf_tcp(
     cmd = ["iperf3", "-c", host, "-p", str(port), "-t", str(seconds), "-J", "-P", str(flows)]
     if reverse:
         cmd.append("-R")
-    result = json.loads(run(*cmd, timeout=seconds + 60, check=False) or "{}")
+    result = _iperf_json(run(*cmd, timeout=seconds + 60, check=False))
     end = result.get("end", {})
     received = end.get("sum_received", {})
     if received.get("bytes"):
@@ -96,7 +106,7 @@ def iperf_udp(run: Run, host: str, port: int, *, mbit: int, seconds: int = 5) ->
         "iperf3", "-c", host, "-p", str(port), "-u", "-b", f"{mbit}M", "-l", "1200",
         "-t", str(seconds), "-J",
     ]  # fmt: skip
-    result = json.loads(run(*cmd, timeout=seconds + 60, check=False) or "{}")
+    result = _iperf_json(run(*cmd, timeout=seconds + 60, check=False))
     total = result.get("end", {}).get("sum", {})
     if "lost_percent" not in total:
         return {"error": result.get("error", "no result")}

@@ -28,6 +28,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -131,29 +132,54 @@ def measure(
 ) -> dict[str, Any]:
     result: dict[str, Any] = dict(contender.start())
     try:
-        host, ports = contender.host, contender.ports
+        ports = contender.ports
+
+        def probe(name: str, measure: Callable[[], Any]) -> None:
+            contender.ready()
+            result[name] = measure()
+
         run = contender.run
-        result["up"] = probes.iperf_tcp(run, host, ports[IPERF], reverse=False, seconds=seconds)
+        probe(
+            "up",
+            lambda: probes.iperf_tcp(
+                run, contender.host, ports[IPERF], reverse=False, seconds=seconds
+            ),
+        )
+        contender.ready()
         pids = contender.pids()
         before = probes.cpu_seconds(pids)
-        down = probes.iperf_tcp(run, host, ports[IPERF], reverse=True, seconds=seconds)
+        down = probes.iperf_tcp(run, contender.host, ports[IPERF], reverse=True, seconds=seconds)
         after = probes.cpu_seconds(pids)
         result["down"] = down
         if "bytes" in down:
             result["cpu s/GiB"] = probes.cpu_per_gib(before, after, down["bytes"])
-        result["down x4"] = probes.iperf_tcp(
-            run, host, ports[IPERF], reverse=True, flows=4, seconds=seconds
+        probe(
+            "down x4",
+            lambda: probes.iperf_tcp(
+                run, contender.host, ports[IPERF], reverse=True, flows=4, seconds=seconds
+            ),
         )
-        result["latency ms"] = probes.latency(run, scripts["latency"], host, ports[HTTP], requests)
-        result["connections"] = probes.connection_rate(
-            run, scripts["load"], host, ports[ECHO], seconds
+        probe(
+            "latency ms",
+            lambda: probes.latency(run, scripts["latency"], contender.host, ports[HTTP], requests),
+        )
+        probe(
+            "connections",
+            lambda: probes.connection_rate(
+                run, scripts["load"], contender.host, ports[ECHO], seconds
+            ),
         )
         if contender.udp:
-            result["udp"] = probes.iperf_udp(run, host, ports[IPERF], mbit=100, seconds=seconds)
+            probe(
+                "udp",
+                lambda: probes.iperf_udp(
+                    run, contender.host, ports[IPERF], mbit=100, seconds=seconds
+                ),
+            )
         if not isinstance(contender, PortForward):
-            result["dns cluster ms"] = probes.dns(run, scripts["dns"], f"{NAME}.{NS}", 300)
+            probe("dns cluster ms", lambda: probes.dns(run, scripts["dns"], f"{NAME}.{NS}", 300))
         if contender.in_laptop:
-            result["dns laptop ms"] = probes.dns(run, scripts["dns"], LAPTOP_NAME, 300)
+            probe("dns laptop ms", lambda: probes.dns(run, scripts["dns"], LAPTOP_NAME, 300))
     finally:
         result.update(contender.stop())
     return result

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, Protocol
 
 from telepresence import ipc, paths
@@ -118,11 +119,26 @@ def quit() -> None:
     pid = reply.get("pid")
     deadline = time.monotonic() + 30
     while pid and time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+        if not running(pid):
             return
         time.sleep(0.05)
+
+
+def running(pid: int) -> bool:
+    """Whether `pid` still runs. A process that has exited but whose parent has not reaped
+    it yet (a zombie) has finished: the daemon is detached, so its parent is whatever
+    reaps orphans, which in a container may be slow or never do it."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True  # no /proc (macOS): the signal test is all there is
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def launch_daemon(*, debug: bool) -> None:

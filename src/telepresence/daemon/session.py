@@ -19,6 +19,7 @@ import ipaddress
 import logging
 import os
 import socket
+import time
 import uuid
 from collections.abc import Callable
 from ipaddress import IPv4Address, IPv4Network
@@ -479,12 +480,14 @@ class Session:
         if self.api is not None:
             steps.append(("api", self.api.close))
         for name, step in steps:
+            started = time.monotonic()
             try:
                 result = step()
                 if asyncio.iscoroutine(result):
                     await asyncio.wait_for(result, 30)
             except Exception as e:
                 log.warning("undoing %s: %s", name, e)
+            log.debug("undid %s in %.3f s", name, time.monotonic() - started)
 
 
 async def _close_fd(fd: int) -> None:
