@@ -130,6 +130,8 @@ class ManagerPool:
         self._session_lost = False
         #: Why the pool last lost a link or failed to reopen one (for `status`).
         self.last_problem = ""
+        #: What the reconnect loop has logged since it last succeeded (`_log_once`).
+        self._said: set[str] = set()
         #: Pods not to join: stopping (Draining, or terminating in the pod watch).
         self._avoid: set[str] = set()
 
@@ -280,13 +282,14 @@ class ManagerPool:
                     else:
                         await self._add_link(healthy[0].pod)
                     backoff = 0.2
+                    self._said.clear()
                 except IncompatibleManager as e:
                     # A teammate replaced the manager with one we cannot talk to.
                     log.warning("cannot re-join the traffic manager: %s", e)
                     await asyncio.sleep(5)
                 except Exception as e:
                     self.last_problem = f"reconnecting failed: {e or type(e).__name__}"
-                    log.info("reconnecting to the traffic manager failed: %s", e)
+                    self._log_once(f"reconnecting to the traffic manager failed: {e}")
                     for t in list(self.tunnels):
                         if t.tunnel.closed:
                             self.tunnels.remove(t)
@@ -301,11 +304,20 @@ class ManagerPool:
                     await asyncio.sleep(backoff)
                     backoff = min(backoff * 2, MAX_BACKOFF)
 
+    def _log_once(self, message: str) -> None:
+        """Retries every 0.25 s while a replacement starts: say each thing once, and the
+        repeats only at debug level."""
+        if message in self._said:
+            log.debug("%s (again)", message)
+            return
+        self._said.add(message)
+        log.info("%s", message)
+
     async def _rejoin(self) -> None:
         """A new session: the manager restarted, every link broke, or (with draining links
         still serving) a replacement takes over."""
         handover = any(t.draining for t in self.tunnels)
-        log.info(
+        self._log_once(
             "joining a replacement traffic manager"
             if handover
             else "re-joining the traffic manager"
