@@ -76,7 +76,7 @@ def test_the_real_code_fits_in_configmaps_and_replaces_msgspec() -> None:
 IMPORTS = """
 import json, sys, sysconfig
 before = set(sys.modules)
-import telepresence.manager.runtime, telepresence.manager.server
+import telepresence.manager.runtime, telepresence.manager.server, telepresence.manager.process
 stdlib = sysconfig.get_paths()["stdlib"]
 found = set()
 for name in set(sys.modules) - before:
@@ -107,7 +107,7 @@ def test_the_packed_code_runs_without_anything_installed(tmp_path: Path) -> None
     check = "\n".join(
         [
             f"import sys; sys.path[:0] = {paths!r}",
-            "import telepresence.manager.runtime, telepresence.manager.server, msgspec, aiohttp",
+            "import telepresence.manager.runtime, telepresence.manager.process, msgspec, aiohttp",
             "from telepresence.tunnel import messages",
             "m = messages.Arrive(name='n', install_id='i', version='1')",
             "assert messages.decode_control(messages.encode_control(m)) == m",

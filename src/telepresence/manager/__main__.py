@@ -1,5 +1,5 @@
 """Entry point of the traffic manager image."""
 
-from telepresence.manager.server import main
+from telepresence.manager.process import main
 
 main()

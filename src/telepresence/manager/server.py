@@ -7,30 +7,17 @@ session, identified by the session id the first `Arrive` got back.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import errno
 import logging
-import os
-import signal
-import sys
 import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, cast
 
 from telepresence import versions
-from telepresence.fdlimit import raise_open_file_limit
-from telepresence.manager.config import (
-    DRAIN_SECONDS,
-    HEALTH_HOST,
-    HEALTH_PORT,
-    TUNNEL_HOST,
-    TUNNEL_PORT,
-)
-from telepresence.manager.dialpolicy import DialPolicy, DialPolicyError
-from telepresence.manager.health import HealthServer
+from telepresence.manager.dialpolicy import DialPolicy
+from telepresence.manager.udpdial import UdpDial
 from telepresence.tunnel.endpoint import Buffers, Tunnel, TunnelStream
 from telepresence.tunnel.flows import SocketFlow
 from telepresence.tunnel.frames import Dial, DialError, IPProtocol
@@ -249,57 +236,6 @@ class TunnelConnection(asyncio.Protocol):
                 stream.accept()
 
 
-class UdpDial(asyncio.DatagramProtocol):
-    """A connected UDP socket in the cluster for one laptop flow; each tunnel datagram is
-    one UDP datagram. It lives as long as the stream: the laptop expires idle flows."""
-
-    def __init__(self, stream: TunnelStream) -> None:
-        self.stream = stream
-        stream.handler = self
-        self.transport: asyncio.DatagramTransport | None = None
-        self._early: list[bytes] = []
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # The selector loop's datagram transport does not subclass DatagramTransport.
-        self.transport = cast(asyncio.DatagramTransport, transport)
-
-    def accepted(self) -> None:
-        """Sends what the laptop sent before the socket existed. Only now, after the
-        stream is accepted, may replies be carried back, so none is sent earlier."""
-        early, self._early = self._early, []
-        if self.transport is not None:
-            for data in early:
-                self.transport.sendto(data)
-
-    def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
-        self.stream.send_datagram(data)
-
-    def error_received(self, exc: Exception) -> None:
-        # An ICMP error for an earlier datagram: UDP senders expect loss, so carry on.
-        log.debug("UDP flow error: %s", exc)
-
-    def stream_data(self, data: bytes) -> None:
-        if self.transport is None or not self.stream.ready:
-            self._early.append(data)
-        elif not self.transport.is_closing():
-            self.transport.sendto(data)
-        self.stream.consumed(len(data))
-
-    def stream_eof(self) -> None:
-        self.stream_reset()
-
-    def stream_reset(self) -> None:
-        if self.transport is not None:
-            self.transport.close()
-        self.stream.tunnel.stream_finished(self.stream)
-
-    def stream_writable(self) -> None:
-        pass
-
-    def dial_result(self, error: DialError | None, message: str) -> None:
-        pass
-
-
 class Manager:
     def __init__(
         self,
@@ -427,91 +363,3 @@ class Manager:
                     log.info("session %s expired", sid)
                     self.depart(sid)
             done += 1
-
-
-async def serve(
-    *,
-    tunnel_port: int,
-    health_port: int,
-    dial_policy: DialPolicy,
-    drain_seconds: float = DRAIN_SECONDS,
-) -> None:
-    from telepresence.manager.runtime import cluster_info_source, dns_lookup
-
-    manager = Manager(dns_lookup=dns_lookup, dial_policy=dial_policy)
-    loop = asyncio.get_running_loop()
-    # Loopback only: the kubelet's port-forward dials localhost in the pod, and nothing on
-    # the pod network can reach the tunnel, so RBAC on pods/portforward decides who uses it.
-    tunnel_server = await loop.create_server(
-        lambda: TunnelConnection(manager), TUNNEL_HOST, tunnel_port, reuse_address=True
-    )
-    # Not ready once stopping: laptops (and Services) pick a replacement.
-    health = HealthServer(ready=lambda: tunnel_server.is_serving() and manager.draining is None)
-    health_server = await health.start(HEALTH_HOST, health_port)
-    stopping = asyncio.Event()
-    loop.add_signal_handler(signal.SIGTERM, stopping.set)
-    loop.add_signal_handler(signal.SIGINT, stopping.set)
-    tasks = [
-        asyncio.create_task(manager.expire_sessions(), name="expire-sessions"),
-        asyncio.create_task(cluster_info_source(manager.set_cluster_info), name="cluster-info"),
-    ]
-    stop = asyncio.create_task(stopping.wait(), name="stopping")
-    log.info(
-        "traffic manager %s (protocol %s): tunnel on %s:%d, health on %s:%d",
-        manager.version,
-        manager.protocol,
-        TUNNEL_HOST,
-        tunnel_port,
-        HEALTH_HOST,
-        health_port,
-    )
-    log.info("%s", dial_policy.describe())
-    try:
-        async with tunnel_server, health_server:
-            done, _ = await asyncio.wait([*tasks, stop], return_when=asyncio.FIRST_COMPLETED)
-            for task in done:
-                if task is not stop:
-                    task.result()
-            # SIGTERM: a rollout, a node drain or a delete. Keep serving while the laptops
-            # move to a replacement; they close their links here once idle.
-            manager.drain(drain_seconds)
-            drained = await manager.drained(deadline=time.monotonic() + drain_seconds)
-            log.info(
-                "stopped: %s",
-                "every laptop moved" if drained else f"{len(manager.connections)} links cut",
-            )
-    finally:
-        stop.cancel()
-        for task in tasks:
-            task.cancel()
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(prog="traffic-manager")
-    parser.add_argument(
-        "--tunnel-port", type=int, default=int(os.environ.get("TUNNEL_PORT", TUNNEL_PORT))
-    )
-    parser.add_argument(
-        "--health-port", type=int, default=int(os.environ.get("HEALTH_PORT", HEALTH_PORT))
-    )
-    parser.add_argument("--debug", action="store_true")
-    args = parser.parse_args()
-    try:
-        # Before anything listens: a typo in the policy must stop the pod, not weaken it.
-        dial_policy = DialPolicy.from_env(os.environ)
-    except DialPolicyError as e:
-        sys.exit(f"traffic-manager: {e}")
-    logging.basicConfig(
-        level=logging.DEBUG if args.debug else logging.INFO,
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
-    )
-    drain = float(os.environ.get("TELEPRESENCE_DRAIN_SECONDS", DRAIN_SECONDS))
-    raise_open_file_limit()
-    asyncio.run(
-        serve(
-            tunnel_port=args.tunnel_port,
-            health_port=args.health_port,
-            dial_policy=dial_policy,
-            drain_seconds=drain,
-        )
-    )
