@@ -11,7 +11,9 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+from devcluster.cli import kubectl as admin_kubectl
 from devcluster.procs import command_lines
+from devcluster.settings import Settings
 
 #: Ports of the target pod (bench/suite.py deploys it): iperf3, HTTP, TCP echo.
 IPERF, HTTP, ECHO = 5201, 8080, 9000
@@ -34,6 +36,11 @@ def devcluster(*args: str, timeout: float = 600, check: bool = True) -> str:
     if check and proc.returncode != 0:
         raise SystemExit(f"devcluster {' '.join(args[:4])} failed: {proc.stderr.strip()[-800:]}")
     return proc.stdout
+
+
+def kubectl(*args: str, input: str | None = None) -> str:
+    """kubectl as the cluster's admin, from the host."""
+    return admin_kubectl(Settings(), *args, input=input).stdout
 
 
 def in_laptop(*cmd: str, timeout: float = 600, check: bool = True) -> str:

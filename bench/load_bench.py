@@ -26,19 +26,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from devcluster.cli import kubectl as admin_kubectl
+from bench.contenders import devcluster, find_pids, in_laptop, kubectl
 from devcluster.fixtures import deployment, http_app_manifest, to_yaml
 from devcluster.images import TCP_ECHO_IMAGE
-from devcluster.procs import command_lines
-from devcluster.settings import Settings
 from telepresence.manager import config
 from telepresence.tunnel.endpoint import RECEIVE_BUDGET, STREAM_INITIAL_WINDOW
 from telepresence.tunnel.flows import PAUSE_READING_AT, WRITE_BUFFER_LIMIT
@@ -70,27 +66,6 @@ def daemon_bound(streams: int) -> int:
 def manager_bound(streams: int) -> int:
     """The manager's sizing (manager/config.py) for one laptop link and this many streams."""
     return config.BASELINE + config.LINK_WORST_CASE + streams * config.STREAM_WORST_CASE
-
-
-def run(*cmd: str, input: str | None = None, timeout: float = 900) -> str:
-    proc = subprocess.run(
-        cmd, capture_output=True, text=True, input=input, timeout=timeout, check=False
-    )
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd[:6])} failed: {proc.stderr.strip()[-2000:]}")
-    return proc.stdout
-
-
-def devcluster(*args: str) -> str:
-    return run(sys.executable, "-m", "devcluster.cli", *args)
-
-
-def kubectl(*args: str, input: str | None = None) -> str:
-    return admin_kubectl(Settings(), *args, input=input).stdout
-
-
-def find_pid(marker: str) -> int | None:
-    return next((pid for pid, cmdline in command_lines() if marker in cmdline), None)
 
 
 @dataclass
@@ -133,17 +108,7 @@ class Sampler:
 
 def laptop_client(*args: str, timeout: float) -> tuple[dict[str, float], dict[str, Any]]:
     """Runs loadclient in the laptop; returns its marks and its result."""
-    out = run(
-        sys.executable,
-        "-m",
-        "devcluster.cli",
-        "laptop",
-        "--",
-        VENV_PYTHON,
-        str(CLIENT),
-        *args,
-        timeout=timeout,
-    )
+    out = in_laptop(VENV_PYTHON, str(CLIENT), *args, timeout=timeout)
     marks: dict[str, float] = {}
     result: dict[str, Any] = {}
     for line in out.splitlines():
@@ -203,13 +168,13 @@ def main() -> None:
     CLIENT.chmod(0o644)
     devcluster("up")
     echo_ip, bulk_ip = setup()
-    devcluster("laptop", "--", "telepresence", "quit")
-    devcluster("laptop", "--", "telepresence", "connect")
-    pids = {name: find_pid(marker) for name, marker in PROCESSES.items()}
-    missing = [name for name, pid in pids.items() if pid is None]
+    in_laptop("telepresence", "quit")
+    in_laptop("telepresence", "connect")
+    pids = find_pids(PROCESSES)
+    missing = sorted(set(PROCESSES) - set(pids))
     if missing:
         raise SystemExit(f"not running: {', '.join(missing)}")
-    sampler = Sampler({k: v for k, v in pids.items() if v is not None})
+    sampler = Sampler(pids)
     thread = threading.Thread(target=sampler.run, daemon=True)
     thread.start()
     ports = ",".join(map(str, ECHO_PORTS))
@@ -276,7 +241,7 @@ def main() -> None:
             }
     finally:
         sampler.stop.set()
-        devcluster("laptop", "--", "telepresence", "quit")
+        in_laptop("telepresence", "quit")
     print_report(report, args)
     print(json.dumps(report))
 

@@ -43,12 +43,11 @@ from bench.contenders import (
     PortForward,
     Telepresence,
     in_laptop,
+    kubectl,
 )
-from devcluster.cli import kubectl as admin_kubectl
 from devcluster.fixtures import deployment, to_yaml
 from devcluster.images import HTTP_IMAGE, TCP_ECHO_IMAGE
 from devcluster.node import pod_app_pids
-from devcluster.settings import Settings
 
 NS = "bench-suite"
 NAME = "target"
@@ -56,10 +55,6 @@ HERE = Path(__file__).parent
 #: A name the laptop's own resolver answers (devcluster's dnsmasq), for the non-cluster DNS
 #: figures.
 LAPTOP_NAME = "www.example.test"
-
-
-def kubectl(*args: str, input: str | None = None) -> str:
-    return admin_kubectl(Settings(), *args, input=input).stdout
 
 
 def target_manifest() -> str:

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from bench.contenders import find_pids
 from bench.load_bench import (
     CLIENT,
     ECHO_PORTS,
@@ -24,7 +25,6 @@ from bench.load_bench import (
     Sampler,
     daemon_bound,
     echo_manifest,
-    find_pid,
 )
 from devcluster.fixtures import http_app_manifest
 from tests.e2e.cluster import Cluster, wait_for
@@ -66,9 +66,9 @@ def client_script() -> Iterator[str]:
 def sampled(cluster: Cluster, baseline: dict[str, str]) -> Iterator[Sampler]:
     """Connected, with the daemon's memory and descriptors sampled all along."""
     connect(cluster)
-    pid = find_pid(PROCESSES["daemon"])
-    assert pid is not None, "no daemon process"
-    sampler = Sampler({"daemon": pid})
+    pids = find_pids({"daemon": PROCESSES["daemon"]})
+    assert pids, "no daemon process"
+    sampler = Sampler(pids)
     thread = threading.Thread(target=sampler.run, daemon=True)
     thread.start()
     try:
