@@ -17,6 +17,8 @@ from typing import Protocol
 from telepresence.tunnel.credit import ReceiveBudget
 from telepresence.tunnel.frames import (
     DEFAULT_INITIAL_WINDOW,
+    MIN_VERSION,
+    VERSION,
     Dial,
     DialError,
     ErrorCode,
@@ -208,12 +210,11 @@ class Tunnel:
         """Without a ``budget``, the connection gets its own RECEIVE_BUDGET."""
         if budget is None:
             budget = ReceiveBudget(limit=RECEIVE_BUDGET, max_window=STREAM_MAX_WINDOW)
-        self.conn = (
-            ProtocolConnection(role, initial_window=initial_window, budget=budget)
-            if versions is None
-            else ProtocolConnection(
-                role, initial_window=initial_window, budget=budget, versions=versions
-            )
+        self.conn = ProtocolConnection(
+            role,
+            initial_window=initial_window,
+            budget=budget,
+            versions=versions or (MIN_VERSION, VERSION),
         )
         self._write = write
         self._on_open = on_open
