@@ -1,7 +1,7 @@
 """Telepresence under load: many flows, a high connection rate, stalled readers, and a soak.
 
-    sudo python bench/load_bench.py [--idle 1000] [--active 200] [--seconds 30]
-                                    [--stalled 100] [--soak-minutes 0]
+    sudo /opt/telepresence-dev/venv/bin/python -m bench.load_bench [--idle 1000]
+        [--active 200] [--seconds 30] [--stalled 100] [--soak-minutes 0]
 
 Run as root with devcluster up. Phases, each against pods in the cluster, from the laptop,
 connected (bench/loadclient.py does the traffic):

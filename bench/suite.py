@@ -1,6 +1,6 @@
 """The benchmark suite: every path to one target pod, measured in one run, in rounds.
 
-    sudo /opt/telepresence-dev/venv/bin/python bench/suite.py [--rounds 3] [--seconds 5]
+    sudo /opt/telepresence-dev/venv/bin/python -m bench.suite [--rounds 3] [--seconds 5]
 
 Paths (bench/contenders.py): `direct` from a pod's network, no tunnel; `port-forward`,
 `kubectl port-forward` in the laptop; `telepresence`, connected. Each round visits every
