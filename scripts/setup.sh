@@ -12,7 +12,10 @@ packages=(nftables dnsmasq-base sudo dnsutils iproute2 procps psmisc util-linux 
   ca-certificates runc containernetworking-plugins mmdebstrap gcc libc6-dev binutils dbus-daemon
   iperf3)
 missing=()
-for p in "${packages[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+# Installed, not merely known to dpkg (a removed package keeps its config files and status).
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
 if ((${#missing[@]})); then
   echo "setup: installing ${missing[*]}" >&2
   export DEBIAN_FRONTEND=noninteractive
