@@ -48,7 +48,9 @@ def targets(cluster: Cluster) -> Iterator[tuple[str, str]]:
         cluster.get("service", "echo", "-n", NS)["spec"]["clusterIP"],
         cluster.get("service", "bulk", "-n", NS)["spec"]["clusterIP"],
     )
-    cluster.kubectl("delete", "namespace", NS, "--wait=false", check=False)
+    # Gone before the next module starts: test_manager_versions compares the whole cluster
+    # before and after a connect, and a namespace still terminating would differ.
+    cluster.kubectl("delete", "namespace", NS, "--timeout=180s", check=False, timeout=240)
 
 
 @pytest.fixture(scope="module")

@@ -75,7 +75,9 @@ def app(cluster: Cluster) -> Iterator[str]:
     cluster.kubectl("rollout", "status", "-n", NS, "deployment/web", "--timeout=120s")
     yield f"web.{NS}"
     quit_(cluster)
-    cluster.kubectl("delete", "namespace", NS, "--wait=false", check=False)
+    # Gone before the next module starts: test_manager_versions compares the whole cluster
+    # before and after a connect, and a namespace still terminating would differ.
+    cluster.kubectl("delete", "namespace", NS, "--timeout=180s", check=False, timeout=240)
 
 
 def _manager_pods(cluster: Cluster) -> list[dict[str, object]]:
