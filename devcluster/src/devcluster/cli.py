@@ -4,6 +4,9 @@ devcluster up [--sample-app] [--laptop-dns FLAVOUR]
                                  idempotent; builds/caches binaries, starts everything
 devcluster laptop-dns [FLAVOUR]  show or switch the laptop's DNS stack: plain,
                                  resolved-stub (Ubuntu) or resolved-nss (Fedora)
+devcluster nodeports [open|closed]
+                                 show or switch whether the laptop reaches the node's
+                                 NodePorts (as a kind node is reachable from its host)
 devcluster status                components, versions, namespaces, addresses
 devcluster laptop [--root] -- CMD...
 devcluster pod -- CMD...
@@ -293,6 +296,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     p_dns = sub.add_parser("laptop-dns", help="show or switch the laptop's DNS stack")
     p_dns.add_argument("flavour", nargs="?", choices=laptopdns.FLAVOURS)
+    p_ports = sub.add_parser(
+        "nodeports", help="show, open or close the node's NodePort range to the laptop"
+    )
+    p_ports.add_argument("state", nargs="?", choices=("open", "closed"))
     sub.add_parser("down", help="stop everything and remove what devcluster made")
     sub.add_parser("status", help="show components, versions and addresses")
     p_laptop = sub.add_parser("laptop", help="run a command in the laptop namespace")
@@ -314,6 +321,12 @@ def main(argv: list[str] | None = None) -> None:
                 raise DevclusterError("devcluster is not up: run `devcluster up` first")
             laptopdns.apply(settings, args.flavour)
             print(f"laptop DNS: {args.flavour}")
+        elif args.command == "nodeports":
+            if not is_up(settings):
+                raise DevclusterError("devcluster is not up: run `devcluster up` first")
+            if args.state is not None:
+                network.set_nodeports(settings.addresses, reachable=args.state == "open")
+            print("open" if network.nodeports_open(settings.addresses) else "closed")
         elif args.command == "down":
             check_host()
             down(settings)

@@ -90,6 +90,11 @@ def laptop_resolv_conf(addr: Addresses) -> dict[str, Any]:
     return {"nameserver": str(addr.laptop_resolver), "search": ["lan"], "ndots": 1}
 
 
+#: Forwarded, so DNATed by kube-proxy: to a pod behind a NodePort (nft 1.0.6 cannot match
+#: a range on the original port, and only NodePorts are DNATed on the node's address).
+NODEPORTS_RULE = 'iifname "dc-laptop" ct status dnat ct original ip daddr @nodeports accept'
+
+
 def create_base(addr: Addresses) -> None:
     """The node, laptop, external and toolbox namespaces and their links."""
     for name in (NODE_NS, LAPTOP_NS, EXTERNAL_NS, TOOLBOX_NS):
@@ -145,10 +150,16 @@ def create_base(addr: Addresses) -> None:
     )
     write_resolv_conf(LAPTOP_NS, **laptop_resolv_conf(addr))
 
-    # The laptop may open the API server port and nothing else in the cluster.
+    # The laptop may open the API server port and nothing else in the cluster; with the
+    # node's address in @nodeports (`devcluster nodeports open`), also its NodePorts, as a
+    # kind node is reachable from its host. kube-proxy has DNATed such a connection to a
+    # pod by the time it is forwarded, so it is matched by its original destination.
     nft(
         f"""
 table ip devcluster-edge {{
+  set nodeports {{
+    type ipv4_addr;
+  }}
   chain input {{
     type filter hook input priority filter; policy accept;
     iifname "dc-laptop" ct state established,related accept
@@ -157,6 +168,7 @@ table ip devcluster-edge {{
   }}
   chain forward {{
     type filter hook forward priority filter; policy accept;
+    {NODEPORTS_RULE}
     iifname "dc-laptop" counter reject with icmp type admin-prohibited
     oifname "dc-laptop" ct state established,related accept
     oifname "dc-laptop" counter reject with icmp type admin-prohibited
@@ -165,6 +177,24 @@ table ip devcluster-edge {{
 """,
         netns=NODE_NS,
     )
+
+
+def set_nodeports(addr: Addresses, *, reachable: bool) -> None:
+    """Opens (or closes again) the node's NodePort range to the laptop. Connections
+    already open stay open (they are established); new ones follow the setting."""
+    script = (
+        f"add element ip devcluster-edge nodeports {{ {addr.node_ip} }}\n"
+        if reachable
+        else "flush set ip devcluster-edge nodeports\n"
+    )
+    nft(script, netns=NODE_NS)
+
+
+def nodeports_open(addr: Addresses) -> bool:
+    out = run(
+        ["ip", "netns", "exec", NODE_NS, "nft", "list", "set", "ip", "devcluster-edge", "nodeports"]
+    ).stdout
+    return str(addr.node_ip) in out
 
 
 def destroy_all() -> None:
