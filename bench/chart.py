@@ -5,7 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-PATHS = ("direct", "port-forward", "telepresence")
+PATHS = ("direct", "port-forward", "telepresence", "telepresence-direct")
+#: The ratio columns: (heading, path, baseline path).
+RATIOS = (
+    ("tp/pf", "telepresence", "port-forward"),
+    ("tp/dir", "telepresence", "direct"),
+    ("tpD/pf", "telepresence-direct", "port-forward"),
+    ("tpD/dir", "telepresence-direct", "direct"),
+)
 
 
 def _get(result: dict[str, Any], *keys: str) -> float | None:
@@ -39,17 +46,19 @@ def render_table(results: dict[str, Any]) -> str:
     def cell(value: float | None) -> str:
         return "-" if value is None else f"{value:.2f}" if value < 100 else f"{value:.0f}"
 
-    header = f"{'':<20}" + "".join(f"{p:>14}" for p in PATHS) + f"{'tp/pf':>8}{'tp/direct':>10}"
+    def ratio(value: float | None, base: float | None) -> str:
+        return f"{value / base:.2f}" if value is not None and base else "-"
+
+    header = (
+        f"{'':<20}" + "".join(f"{p:>20}" for p in PATHS) + "".join(f"{h:>8}" for h, _, _ in RATIOS)
+    )
     lines = [header]
     for label, keys, _ in ROWS:
-        values = [_get(results.get(p, {}), *keys) for p in PATHS]
-        direct, pf, tp = values
-        ratio_pf = f"{tp / pf:.2f}" if tp is not None and pf else "-"
-        ratio_direct = f"{tp / direct:.2f}" if tp is not None and direct else "-"
+        values = {p: _get(results.get(p, {}), *keys) for p in PATHS}
         lines.append(
             f"{label:<20}"
-            + "".join(f"{cell(v):>14}" for v in values)
-            + f"{ratio_pf:>8}{ratio_direct:>10}"
+            + "".join(f"{cell(values[p]):>20}" for p in PATHS)
+            + "".join(f"{ratio(values[a], values[b]):>8}" for _, a, b in RATIOS)
         )
     lines.append("")
     lines.append("CPU seconds per GiB moved (down):")
@@ -57,9 +66,10 @@ def render_table(results: dict[str, Any]) -> str:
         cpu = results.get(path, {}).get("cpu s/GiB") or {}
         if cpu:
             parts = ", ".join(f"{name} {value:.2f}" for name, value in sorted(cpu.items()))
-            lines.append(f"  {path:<14}{parts}  (total {sum(cpu.values()):.2f})")
+            lines.append(f"  {path:<20}{parts}  (total {sum(cpu.values()):.2f})")
     lines.append("")
     lines.append("laptop DNS: before connecting in port-forward's column, connected in ours")
+    lines.append("tp: telepresence over port-forward; tpD: over the direct transport")
     return "\n".join(lines)
 
 
@@ -71,17 +81,21 @@ def render_chart(results: dict[str, Any], path: Path) -> None:
 
     fig, (bulk, latency, cpu) = plt.subplots(1, 3, figsize=(14, 4.2))
     groups = [("up", "up"), ("down", "down"), ("down x4", "down x4")]
-    width = 0.25
+    width = 0.8 / len(PATHS)
+
+    def offset(i: int) -> float:
+        return (i - (len(PATHS) - 1) / 2) * width
+
     for i, name in enumerate(PATHS):
         values = [_get(results.get(name, {}), key, "MiB/s") or 0 for _, key in groups]
-        bulk.bar([g + (i - 1) * width for g in range(len(groups))], values, width, label=name)
+        bulk.bar([g + offset(i) for g in range(len(groups))], values, width, label=name)
     bulk.set_xticks(range(len(groups)), [label for label, _ in groups])
     bulk.set_ylabel("MiB/s (iperf3)")
     bulk.set_title("Bulk throughput")
     bulk.legend()
     for i, name in enumerate(PATHS):
         values = [_get(results.get(name, {}), "latency ms", q) or 0 for q in ("p50", "p99")]
-        latency.bar([g + (i - 1) * width for g in range(2)], values, width, label=name)
+        latency.bar([g + offset(i) for g in range(2)], values, width, label=name)
     latency.set_xticks(range(2), ["p50", "p99"])
     latency.set_ylabel("ms, fresh connection per request")
     latency.set_title("HTTP request latency")
@@ -89,7 +103,9 @@ def render_chart(results: dict[str, Any], path: Path) -> None:
     bottoms = [0.0] * len(PATHS)
     for process in names:
         values = [(results.get(p, {}).get("cpu s/GiB") or {}).get(process, 0.0) for p in PATHS]
-        cpu.bar(PATHS, values, bottom=bottoms, label=process)
+        cpu.bar(
+            [p.replace("telepresence", "tp") for p in PATHS], values, bottom=bottoms, label=process
+        )
         bottoms = [b + v for b, v in zip(bottoms, values, strict=True)]
     cpu.set_ylabel("CPU seconds per GiB")
     cpu.set_title("CPU per GiB downloaded")

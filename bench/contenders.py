@@ -158,17 +158,33 @@ class PortForward(Contender):
 
 @dataclass
 class Telepresence(Contender):
-    """Connected; the target by its ClusterIP (DNS is measured on its own)."""
+    """Connected; the target by its ClusterIP (DNS is measured on its own). ``transport``:
+    "port-forward" with the node's NodePorts closed to the laptop (a cloud cluster seen
+    from outside its network), "direct" with them open (a kind node from its host); the
+    run fails unless `status` shows that transport in use."""
 
     cluster_ip: str = ""
+    transport: str = "port-forward"
 
     def start(self) -> dict[str, float]:
         self.host = self.cluster_ip
         in_laptop("telepresence", "quit")
-        return {"connect s": timed_in_laptop("telepresence", "connect")}
+        devcluster("nodeports", "open" if self.transport == "direct" else "closed")
+        connect = timed_in_laptop("telepresence", "connect")
+        deadline = time.monotonic() + 30
+        while True:
+            shown = in_laptop("telepresence", "status")
+            line = next((x for x in shown.splitlines() if "Transport" in x), "")
+            if f": {self.transport} (" in line:
+                break
+            if time.monotonic() > deadline:
+                raise SystemExit(f"{self.name}: status shows {line.strip()!r}")
+        return {"connect s": connect}
 
     def stop(self) -> dict[str, float]:
-        return {"quit s": timed_in_laptop("telepresence", "quit")}
+        quit_s = timed_in_laptop("telepresence", "quit")
+        devcluster("nodeports", "closed")
+        return {"quit s": quit_s}
 
     def pids(self) -> dict[str, int]:
         return find_pids(

@@ -3,8 +3,10 @@
     sudo /opt/telepresence-dev/venv/bin/python -m bench.suite [--rounds 3] [--seconds 5]
 
 Paths (bench/contenders.py): `direct` from a pod's network, no tunnel; `port-forward`,
-`kubectl port-forward` in the laptop; `telepresence`, connected. Each round visits every
-path in a rotated order (BENCH.md: alternate, then take medians). Per path:
+`kubectl port-forward` in the laptop; `telepresence`, connected over port-forward (the
+node's NodePorts closed to the laptop); `telepresence-direct`, connected over the direct
+transport (NodePorts open, `devcluster nodeports`). Each round visits every path in a
+rotated order (BENCH.md: alternate, then take medians). Per path:
 
   up, down, down x4   iperf3 MiB/s, laptop to pod, pod to laptop, pod to laptop on 4 flows
   latency p50/p99     ms per HTTP request on a fresh connection
@@ -202,6 +204,9 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--chart", type=Path, default=HERE.parent / "docs" / "bench.png")
+    parser.add_argument(
+        "--only", default="", help="comma-separated contender names, for a quick look"
+    )
     args = parser.parse_args()
     pod, cluster_ip, server = deploy()
     scripts = client_scripts()
@@ -210,7 +215,11 @@ def main() -> None:
         Direct("direct", host=cluster_ip),
         PortForward("port-forward", namespace=NS, pod=pod),
         Telepresence("telepresence", cluster_ip=cluster_ip),
+        Telepresence("telepresence-direct", cluster_ip=cluster_ip, transport="direct"),
     ]
+    if args.only:
+        wanted = set(args.only.split(","))
+        contenders = [c for c in contenders if c.name in wanted]
     rounds: dict[str, list[dict[str, Any]]] = {c.name: [] for c in contenders}
     try:
         for index in range(args.rounds):

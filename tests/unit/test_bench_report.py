@@ -23,12 +23,14 @@ def test_the_table_gives_ratios_to_port_forward_and_direct() -> None:
         "direct": {"down": {"MiB/s": 1000.0}},
         "port-forward": {"down": {"MiB/s": 200.0}},
         "telepresence": {"down": {"MiB/s": 300.0}, "connect s": 0.5},
+        "telepresence-direct": {"down": {"MiB/s": 800.0}, "connect s": 0.6},
     }
     table = render_table(results)
     down = next(line for line in table.splitlines() if line.startswith("down MiB/s"))
-    assert down.split()[-2:] == ["1.50", "0.30"]
+    # tp/pf, tp/dir, tpD/pf, tpD/dir
+    assert down.split()[-4:] == ["1.50", "0.30", "4.00", "0.80"]
     connect = next(line for line in table.splitlines() if line.startswith("connect s"))
-    assert connect.split()[-3:] == ["0.50", "-", "-"]
+    assert connect.split()[-6:] == ["0.50", "0.60", "-", "-", "-", "-"]
 
 
 def test_cpu_is_divided_by_the_gibibytes_moved() -> None:

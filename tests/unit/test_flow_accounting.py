@@ -173,7 +173,7 @@ async def test_a_lost_link_is_one_error_not_one_per_flow(laptop: Laptop) -> None
         )
         link = laptop.book.snapshot()["flows"][0]["link"]
         (tunnel,) = [t for t in laptop.world.pool.tunnels if t.name == link]
-        await tunnel.pf.close()  # type: ignore[attr-defined]
+        await tunnel.conn.close()  # type: ignore[attr-defined]
         await until(
             lambda: all(f["link"] != link for f in laptop.book.snapshot()["flows"]),
             "the flows of the lost link to end",

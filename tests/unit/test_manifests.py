@@ -317,17 +317,27 @@ def test_the_version_travels_on_the_deployment_and_its_pods() -> None:
     assert deployment["spec"]["replicas"] == 1
 
 
-def test_only_the_health_port_is_declared() -> None:
+def test_the_plain_tunnel_port_is_not_declared() -> None:
     # The tunnel listens on the pod's loopback for port-forwards; the pod network gets the
-    # health port alone.
+    # health port and the direct transport's TLS port, and the manager is told the latter.
     container = pod_spec()["containers"][0]
     ports = {p["name"]: (p["containerPort"], p["protocol"]) for p in container["ports"]}
-    assert ports == {"health": (8082, "TCP")}
+    assert ports == {"health": (8082, "TCP"), "direct": (8083, "TCP")}
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["DIRECT_PORT"] == "8083"
 
 
-def test_there_is_no_service() -> None:
-    # Nothing in the product reaches the manager except through pods/portforward.
-    assert not [o for o in OBJECTS if o["kind"] == "Service"]
+def test_the_only_service_is_the_direct_transports_nodeport() -> None:
+    services = [o for o in OBJECTS if o["kind"] == "Service"]
+    assert [s["metadata"]["name"] for s in services] == ["traffic-manager-direct"]
+    spec = services[0]["spec"]
+    assert spec["type"] == "NodePort"
+    # A laptop dials the node of its session's pod: no node may forward elsewhere.
+    assert spec["externalTrafficPolicy"] == "Local"
+    assert spec["ports"] == [
+        {"name": "direct", "port": 8083, "targetPort": "direct", "protocol": "TCP"}
+    ]
+    assert spec["selector"] == {"app": "traffic-manager"}
 
 
 def test_env_carries_the_pod_identity_and_empty_dial_lists_by_default() -> None:
@@ -401,6 +411,7 @@ def test_objects_build_their_api_paths() -> None:
         "/apis/rbac.authorization.k8s.io/v1/namespaces/ambassador/rolebindings/traffic-manager",
         f"/api/v1/namespaces/ambassador/configmaps/traffic-manager-code-{CODE.short_digest}-0",
         f"/api/v1/namespaces/ambassador/configmaps/traffic-manager-code-{CODE.short_digest}-1",
+        "/api/v1/namespaces/ambassador/services/traffic-manager-direct",
         "/apis/apps/v1/namespaces/ambassador/deployments/traffic-manager",
     ]
 

@@ -233,7 +233,7 @@ async def test_the_pool_rejoins_when_every_connection_drops(world: World) -> Non
     # The manager restarts: all sessions are forgotten and connections cut.
     world.manager.sessions.clear()
     for t in list(world.pool.tunnels):
-        await t.pf.close()  # type: ignore[attr-defined]
+        await t.conn.close()  # type: ignore[attr-defined]
 
     await _rejoined(world, first_session)
     assert await _echo_through(world, b"again") == b"again"
@@ -344,7 +344,7 @@ async def test_the_pool_rejoins_a_restarted_manager_even_while_some_links_live(
     await world.pool.start()
     first_session = world.pool.session_id
     world.manager.sessions.clear()
-    await world.pool.tunnels[0].pf.close()  # type: ignore[attr-defined]
+    await world.pool.tunnels[0].conn.close()  # type: ignore[attr-defined]
 
     await _rejoined(world, first_session)
     assert await _echo_through(world, b"again") == b"again"
@@ -357,7 +357,7 @@ async def test_links_that_go_silent_are_dropped_and_the_pool_rejoins(world: Worl
     first_session = world.pool.session_id
     world.manager.sessions.clear()
     for t in list(world.pool.tunnels):
-        t.pf.hung = True  # type: ignore[attr-defined]
+        t.conn.hung = True  # type: ignore[attr-defined]
 
     await _rejoined(world, first_session)
     assert await _echo_through(world, b"alive") == b"alive"
@@ -518,7 +518,7 @@ async def test_the_pod_watch_moves_new_flows_even_when_the_old_links_hang(world:
     world.pool.heartbeat = 60  # the heartbeat must not be what notices
     await world.pool.start()
     for t in world.pool.tunnels:
-        t.pf.hung = True  # type: ignore[attr-defined]
+        t.conn.hung = True  # type: ignore[attr-defined]
     await world.add_manager("mgr-b")
     world.ready.append("mgr-b")
     world.pool.manager_pods(stopping={"mgr-a"}, ready={"mgr-b"})

@@ -106,10 +106,10 @@ def test_handshake_opens_the_connection_byte_by_byte() -> None:
 def test_version_mismatch_names_both_versions() -> None:
     conn = Connection(Role.CLIENT)
     conn.data_to_send()
-    with pytest.raises(ProtocolError, match="peer speaks version 3, this side speaks versions 1-2"):
-        conn.receive_data(b"\xfeTPX\x00\x03")  # reported before the rest of the preface
+    with pytest.raises(ProtocolError, match="peer speaks version 4, this side speaks versions 1-3"):
+        conn.receive_data(b"\xfeTPX\x00\x04")  # reported before the rest of the preface
     assert conn.state is ConnectionState.CLOSED
-    assert conn.data_to_send() == b""  # no GOAWAY a v3 peer might misread
+    assert conn.data_to_send() == b""  # no GOAWAY a v4 peer might misread
 
 
 def test_wrong_magic_is_reported_with_the_bytes_seen() -> None:

@@ -105,7 +105,7 @@ def test_status_describes_the_manager_against_this_client() -> None:
 
 def test_the_test_overrides_come_from_the_environment() -> None:
     assert versions.package_version({}) == __version__
-    assert versions.protocol_range({}) == ProtocolRange(1, 2)
+    assert versions.protocol_range({}) == ProtocolRange(1, 3)
     env = {versions.VERSION_ENV: "0.9.0", versions.PROTOCOL_ENV: "2-3", "OTHER": "x"}
     assert versions.package_version(env) == "0.9.0"
     assert versions.protocol_range(env) == ProtocolRange(2, 3)

@@ -201,6 +201,8 @@ def cmd_connect(args: argparse.Namespace) -> int:
             args.allow_conflicting_subnets, "--allow-conflicting-subnets"
         )
         or config.allow_conflicting_subnets,
+        "direct": config.direct,
+        "direct_address": config.direct_address,
         "env": dict(os.environ),
     }
     status = client.status()

@@ -128,6 +128,7 @@ def status_text(status: dict[str, Any]) -> str:
             ("Kubernetes context", user.get("kubernetes_context", "")),
             ("Traffic Manager", user.get("manager") or user.get("manager_version", "")),
             ("Telepresence proxy", proxy),
+            ("Transport", user.get("transport", "")),
             ("Mapped namespaces", ", ".join(user.get("mapped_namespaces", [])) or "all"),
             ("Intercepts", f"{user.get('intercepts', 0)} total"),
         ]

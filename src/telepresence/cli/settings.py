@@ -13,6 +13,13 @@
       # refuse more. Unset: an installed manager's policy is left as it is.
       dialAllow: [169.254.169.254/32]
       dialDeny: [10.0.5.0/24]
+    transport:
+      # The direct transport (mutual TLS to the manager's NodePort, past the API server):
+      # auto (used whenever the laptop can reach it) or off (always port-forward).
+      direct: auto
+      # Where the manager's direct listener is, when no NodePort is reachable as such
+      # (a load balancer, a tunnel of your own); host:port.
+      directAddress: 203.0.113.7:30443
     routing:
       alsoProxy: [10.0.0.0/8]
       neverProxy: [10.0.5.0/24]
@@ -26,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from telepresence import paths
+from telepresence.directtls import parse_address
 
 
 class SettingsError(Exception):
@@ -43,6 +51,8 @@ class Config:
     # None: not configured (see `ensure_manager`), unlike an empty list.
     manager_dial_allow: list[str] | None = None
     manager_dial_deny: list[str] | None = None
+    direct: str = "auto"
+    direct_address: str | None = None
 
 
 def cidrs(text: str, flag: str) -> list[str]:
@@ -102,7 +112,9 @@ def load() -> Config:
         raise SettingsError(f"{path} is not valid YAML: {e}; fix or remove it") from None
     manager = doc.get("manager") or {}
     routing = doc.get("routing") or {}
+    transport = doc.get("transport") or {}
     where = str(path)
+    direct, direct_address = _transport(transport, where)
     return Config(
         manager_image=manager.get("image"),
         manager_base_image=manager.get("baseImage"),
@@ -115,4 +127,25 @@ def load() -> Config:
             ",".join(routing.get("allowConflictingSubnets") or []),
             f"{where} allowConflictingSubnets",
         ),
+        direct=direct,
+        direct_address=direct_address,
     )
+
+
+def _transport(section: Any, where: str) -> tuple[str, str | None]:
+    """``transport.direct`` (auto or off) and ``transport.directAddress`` (host:port)."""
+    if not isinstance(section, dict):
+        raise SettingsError(f"{where} transport: expected keys direct and directAddress")
+    direct = section.get("direct", "auto")
+    if direct is False:  # YAML reads a bare `off` as false
+        direct = "off"
+    if direct not in ("auto", "off"):
+        raise SettingsError(f"{where} transport.direct: {direct!r} is not auto or off")
+    address = section.get("directAddress")
+    if address is not None:
+        address = str(address)
+        try:
+            parse_address(address)
+        except ValueError as e:
+            raise SettingsError(f"{where} transport.directAddress: {e}") from None
+    return direct, address

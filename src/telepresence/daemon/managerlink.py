@@ -1,7 +1,9 @@
-"""One port-forward connection to a traffic manager pod, carrying one multiplexed Tunnel.
+"""One connection to a traffic manager pod, carrying one multiplexed Tunnel.
 
-The pool (:mod:`.pool`) holds several; each knows the pod it reaches and the session it
-belongs to, so that links to a stopping manager can drain while new ones serve.
+The connection is a port-forward through the API server, or a direct TLS connection
+(`direct.py`); the link does not care which. The pool (:mod:`.pool`) holds several; each
+knows the pod it reaches and the session it belongs to, so that links to a stopping
+manager can drain while new ones serve.
 """
 
 from __future__ import annotations
@@ -10,9 +12,9 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Callable
+from typing import Protocol
 
 from telepresence import versions
-from telepresence.k8s.portforward import PortForward
 from telepresence.tunnel.endpoint import Buffers, Tunnel
 from telepresence.tunnel.messages import ControlMessage
 from telepresence.tunnel.protocol import Role
@@ -21,19 +23,40 @@ from telepresence.tunnel.protocol import Role
 MAX_MESSAGE = 256 * 1024
 
 
-class PortForwardTunnel:
-    """A Tunnel over a port-forward WebSocket: a reader and a writer task."""
+#: The two ways to reach a manager pod, as `status` names them.
+PORT_FORWARD = "port-forward"
+DIRECT = "direct"
+
+
+class LinkConnection(Protocol):
+    """A byte stream to the manager's tunnel: `k8s.portforward.PortForward` or
+    `direct.DirectConnection`."""
+
+    async def send_buffers(self, buffers: list[bytes | memoryview]) -> None: ...
+
+    async def receive(self) -> bytes:
+        """The next bytes; b"" at the end of the stream."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+class ManagerLink:
+    """A Tunnel over one LinkConnection: a reader and a writer task."""
 
     def __init__(
         self,
-        pf: PortForward,
+        conn: LinkConnection,
         *,
         pod: str,
-        on_control: Callable[[PortForwardTunnel, ControlMessage], None],
-        on_closed: Callable[[PortForwardTunnel, str], None],
+        on_control: Callable[[ManagerLink, ControlMessage], None],
+        on_closed: Callable[[ManagerLink, str], None],
         protocol: versions.ProtocolRange,
+        transport: str = PORT_FORWARD,
     ) -> None:
-        self.pf = pf
+        self.conn = conn
+        #: PORT_FORWARD or DIRECT.
+        self.transport = transport
         #: The manager pod at the other end, and the session this link belongs to.
         self.pod = pod
         self.session_id = ""
@@ -64,25 +87,25 @@ class PortForwardTunnel:
 
     async def _run(self) -> None:
         writer = asyncio.create_task(self._writer(), name="tunnel-writer")
-        reason = "port-forward closed"
+        reason = f"{self.transport} closed"
         try:
             while True:
-                data = await self.pf.receive()
+                data = await self.conn.receive()
                 if not data:
                     break
                 self.last_heard = time.monotonic()
                 self.tunnel.data_received(data)
                 if self.tunnel.closed:
                     break
-        except Exception as e:  # the WebSocket or the API server failed us
-            reason = f"port-forward failed: {e}"
+        except Exception as e:  # the connection, or the API server, failed us
+            reason = f"{self.transport} failed: {e or type(e).__name__}"
         finally:
             writer.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await writer
             self.tunnel.connection_lost(reason)
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.pf.close(), 2)
+                await asyncio.wait_for(self.conn.close(), 2)
 
     async def _writer(self) -> None:
         while True:
@@ -96,10 +119,10 @@ class PortForwardTunnel:
                 batch.append(buf)
                 size += len(buf)
                 if size >= MAX_MESSAGE:
-                    await self.pf.send_buffers(batch)
+                    await self.conn.send_buffers(batch)
                     batch, size = [], 0
             if batch:
-                await self.pf.send_buffers(batch)
+                await self.conn.send_buffers(batch)
 
     def abandon(self, reason: str) -> None:
         """Drop a link that went silent; its reader may be blocked forever, so cancel it."""
@@ -112,7 +135,7 @@ class PortForwardTunnel:
         # Give the writer a moment to put GOAWAY on the wire before the socket goes.
         if self._out:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.pf.send_buffers(self._out), 1)
+                await asyncio.wait_for(self.conn.send_buffers(self._out), 1)
         if self.task is not None:
             self.task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):

@@ -25,7 +25,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from telepresence import versions
-from telepresence.daemon.managerlink import PortForwardTunnel
+from telepresence.daemon.managerlink import DIRECT, PORT_FORWARD, LinkConnection, ManagerLink
+from telepresence.daemon.poolrequests import PendingRequests
 from telepresence.k8s.portforward import PortForward
 from telepresence.tunnel.endpoint import StreamHandler, TunnelStream
 from telepresence.tunnel.frames import Dial
@@ -37,6 +38,8 @@ from telepresence.tunnel.messages import (
     ClusterInfo,
     ControlMessage,
     Depart,
+    DirectGrant,
+    DirectRequest,
     DnsAnswer,
     DnsLookup,
     Draining,
@@ -112,7 +115,7 @@ class ManagerPool:
         self._on_cluster_info = on_cluster_info
         #: Told (link name, reason) when a link closes while the pool is not closing.
         self._on_link_lost = on_link_lost
-        self.tunnels: list[PortForwardTunnel] = []
+        self.tunnels: list[ManagerLink] = []
         # Links are numbered for the whole session, so a name is never reused.
         self._link_ids = itertools.count(1)
         self.session_id = ""
@@ -122,8 +125,7 @@ class ManagerPool:
         self.reconnects = 0
         self._arrived: asyncio.Future[ArriveOk] | None = None
         self._first_info: asyncio.Future[ClusterInfo] | None = None
-        self._dns: dict[int, asyncio.Future[DnsAnswer]] = {}
-        self._request_ids = itertools.count(1)
+        self._requests = PendingRequests()
         self._tasks: list[asyncio.Task[None]] = []
         self._changed = asyncio.Event()
         self._closing = False
@@ -173,7 +175,7 @@ class ManagerPool:
         self.agreed_protocol = ok.protocol
         first.session_id = ok.session_id
         info = await self._first_info
-        while len(self.healthy()) < self.size and not first.draining:
+        while len(self._forwards()) < self.size and not first.draining:
             await self._add_link(first.pod)
         return info
 
@@ -182,11 +184,11 @@ class ManagerPool:
         extra.session_id = self.session_id
         extra.tunnel.send_control(Remain(self.session_id))
 
-    async def _connect(self, pod: str | None) -> PortForwardTunnel:
+    async def _connect(self, pod: str | None) -> ManagerLink:
         name, pf = await asyncio.wait_for(
             self._open_forward(pod, frozenset(self._avoid)), OPEN_TIMEOUT
         )
-        t = PortForwardTunnel(
+        t = ManagerLink(
             pf,
             pod=name,
             on_control=self._on_control,
@@ -197,12 +199,22 @@ class ManagerPool:
         t.start(name=f"tunnel-{next(self._link_ids)}")
         return t
 
-    def healthy(self) -> list[PortForwardTunnel]:
+    def healthy(self) -> list[ManagerLink]:
         """The links new flows go to: open, in a session (a link still arriving would have
         its streams refused), and not to a stopping manager."""
         return [t for t in self.tunnels if t.session_id and not t.draining and not t.tunnel.closed]
 
-    def _serving(self) -> list[PortForwardTunnel]:
+    def _forwards(self) -> list[ManagerLink]:
+        """The healthy port-forward links: the pool keeps `size` of them whatever else it
+        has, so losing the direct path never leaves new flows without a link."""
+        return [t for t in self.healthy() if t.transport == PORT_FORWARD]
+
+    def _preferred(self) -> list[ManagerLink]:
+        """Where new flows go: the direct links when there are any, else every serving one."""
+        live = self._serving()
+        return [t for t in live if t.transport == DIRECT] or live
+
+    def _serving(self) -> list[ManagerLink]:
         """Where new flows go: the healthy links, else those to a stopping manager that
         still serves until a replacement has arrived."""
         return self.healthy() or [t for t in self.tunnels if t.session_id and not t.tunnel.closed]
@@ -243,7 +255,7 @@ class ManagerPool:
             self.tunnels.remove(t)
             await t.close()
 
-    def _tunnel_closed(self, t: PortForwardTunnel, reason: str) -> None:
+    def _tunnel_closed(self, t: ManagerLink, reason: str) -> None:
         if t in self.tunnels:
             self.tunnels.remove(t)
             if not self._closing:
@@ -273,8 +285,10 @@ class ManagerPool:
                 await asyncio.wait_for(self._changed.wait(), DRAIN_CHECK if draining else None)
             self._changed.clear()
             await self._reap_draining()
-            while not self._closing and len(self.healthy()) < self.size:
+            while not self._closing and len(self._forwards()) < self.size:
                 try:
+                    # Direct links alone keep the session: through an API server outage
+                    # they carry on while port-forward links are reopened beside them.
                     healthy = self.healthy()
                     if self._session_lost or not healthy:
                         await self._rejoin()
@@ -327,10 +341,7 @@ class ManagerPool:
             self.tunnels.remove(stale)
             await stale.close()
         if not handover:
-            for fut in self._dns.values():
-                if not fut.done():
-                    fut.set_exception(PoolUnavailable("reconnecting"))
-            self._dns.clear()
+            self._requests.fail_all(PoolUnavailable("reconnecting"))
         try:
             await asyncio.wait_for(self._join(), 60)
         except BaseException:
@@ -369,7 +380,7 @@ class ManagerPool:
 
     # --- control messages ------------------------------------------------------------
 
-    def _on_control(self, link: PortForwardTunnel, message: ControlMessage) -> None:
+    def _on_control(self, link: ManagerLink, message: ControlMessage) -> None:
         if isinstance(message, Draining):
             self.mark_draining(link.pod, f"it has {message.seconds:.0f} s left")
         elif isinstance(message, ArriveOk):
@@ -379,28 +390,62 @@ class ManagerPool:
             if self._first_info is not None and not self._first_info.done():
                 self._first_info.set_result(message)
             self._on_cluster_info(message)
-        elif isinstance(message, DnsAnswer):
-            fut = self._dns.pop(message.request_id, None)
-            if fut is not None and not fut.done():
-                fut.set_result(message)
+        elif isinstance(message, DnsAnswer | DirectGrant):
+            self._requests.answered(message)
 
     async def dns_lookup(self, qname: str, qtype: int, *, timeout: float = 4.0) -> DnsAnswer:
-        links = self._serving()
+        links = self._preferred()
         if not links:
             raise PoolUnavailable("not connected to the traffic manager")
-        request_id = next(self._request_ids)
-        fut: asyncio.Future[DnsAnswer] = asyncio.get_running_loop().create_future()
-        self._dns[request_id] = fut
+        request_id, fut = self._requests.new_lookup()
         links[request_id % len(links)].tunnel.send_control(DnsLookup(request_id, qname, qtype))
         try:
             return await asyncio.wait_for(fut, timeout)
         finally:
-            self._dns.pop(request_id, None)
+            self._requests.forget_lookup(request_id)
+
+    # --- the direct transport (`direct.py`) --------------------------------------------
+
+    def control_pod(self) -> str:
+        """The pod of the session's port-forward links, which the direct links must reach.
+        Raises PoolUnavailable when there is none."""
+        for t in self._forwards():
+            return t.pod
+        raise PoolUnavailable("no port-forward link to the traffic manager")
+
+    async def request_direct(self, request: DirectRequest, *, timeout: float = 5) -> DirectGrant:
+        """Registers the direct transport's credentials over a port-forward link (the one
+        RBAC authenticated), and returns the manager's answer."""
+        links = self._forwards()
+        if not links:
+            raise PoolUnavailable("no port-forward link to the traffic manager")
+        fut = self._requests.new_grant()
+        links[0].tunnel.send_control(request)
+        try:
+            return await asyncio.wait_for(fut, timeout)
+        except TimeoutError:
+            raise PoolUnavailable(f"the traffic manager did not answer in {timeout:g}s") from None
+
+    def add_direct_link(self, pod: str, conn: LinkConnection) -> ManagerLink:
+        """A link over the direct transport joins the session; new flows prefer it."""
+        t = ManagerLink(
+            conn,
+            pod=pod,
+            on_control=self._on_control,
+            on_closed=self._tunnel_closed,
+            protocol=self.protocol,
+            transport=DIRECT,
+        )
+        self.tunnels.append(t)
+        t.start(name=f"direct-{next(self._link_ids)}")
+        t.session_id = self.session_id
+        t.tunnel.send_control(Remain(self.session_id))
+        return t
 
     # --- streams ---------------------------------------------------------------------
 
     def open_stream(self, dial: Dial, handler: StreamHandler) -> TunnelStream:
-        live = self._serving()
+        live = self._preferred()
         if not live:
             raise PoolUnavailable("not connected to the traffic manager")
         best = min(live, key=lambda t: len(t.tunnel.streams))

@@ -42,6 +42,10 @@ class ConnectRequest:
     also_proxy: tuple[str, ...] = ()
     never_proxy: tuple[str, ...] = ()
     allow_conflicting_subnets: tuple[str, ...] = ()
+    #: The direct transport: "auto" (used when the manager can be reached) or "off".
+    direct: str = "auto"
+    #: Where the direct listener is, instead of the NodePort found (host:port).
+    direct_address: str | None = None
     env: dict[str, str] = field(default_factory=dict)
 
     @classmethod
@@ -61,6 +65,8 @@ class ConnectRequest:
             also_proxy=ipc.text_list(req, "also_proxy") or (),
             never_proxy=ipc.text_list(req, "never_proxy") or (),
             allow_conflicting_subnets=ipc.text_list(req, "allow_conflicting_subnets") or (),
+            direct=ipc.optional_text(req, "direct") or "auto",
+            direct_address=ipc.optional_text(req, "direct_address"),
             env=ipc.text_map(req, "env"),
         )
 

@@ -30,8 +30,9 @@ import dns.message
 import dns.rcode
 
 from telepresence import paths, versions
-from telepresence.daemon import namespaces, nsswitch, sessionstatus
+from telepresence.daemon import manageraccess, namespaces, nsswitch, sessionstatus
 from telepresence.daemon.dialfailures import DialFailureLog
+from telepresence.daemon.direct import DirectRoute, Endpoint
 from telepresence.daemon.dns import ClusterLookupFailed
 from telepresence.daemon.dnsrules import NameRules
 from telepresence.daemon.flowbook import FlowBook
@@ -53,9 +54,9 @@ from telepresence.k8s.api import (
     KubeApi,
     KubeError,
 )
-from telepresence.k8s.install import ensure_manager, find_manager_pod
-from telepresence.k8s.manifests import DEFAULT_NAMESPACE, TUNNEL_PORT
-from telepresence.k8s.portforward import PortForward, portforward_hint
+from telepresence.k8s.install import ensure_manager
+from telepresence.k8s.manifests import DEFAULT_NAMESPACE
+from telepresence.k8s.portforward import PortForward
 from telepresence.netfilter.client import HelperClient, HelperError, HelperListener, SetupResult
 from telepresence.netfilter.subnets import parse_cidr_list, routed_subnets
 from telepresence.tunnel.messages import ClusterInfo
@@ -84,6 +85,8 @@ class Session:
         self.api: KubeApi | None = None
         self.http: aiohttp.ClientSession | None = None
         self.pool: ManagerPool | None = None
+        #: The direct transport's links beside the pool's port-forwards (`direct.py`).
+        self.direct: DirectRoute | None = None
         self.proxy: TransparentProxy | None = None
         #: The open flows and the recent errors, for `status --flows`.
         self.book = FlowBook()
@@ -240,6 +243,9 @@ class Session:
         )
         for name, coroutine in self.dns.background():
             self.tasks.append(asyncio.create_task(coroutine, name=name))
+        # After the routes: an endpoint inside a routed subnet is no way around the tunnel.
+        self.direct = DirectRoute(self.pool, self._locate_direct, mode=self.request.direct)
+        self.tasks.append(asyncio.create_task(self.direct.run(), name="direct-route"))
         self.connected = True
         log.info(
             "connected to %s (%s); routing %s",
@@ -282,26 +288,20 @@ class Session:
     async def _open_forward(
         self, pod: str | None, avoid: frozenset[str]
     ) -> tuple[str, PortForward]:
-        """A port-forward to ``pod``, or to the newest ready manager pod not in ``avoid``."""
         assert self.api is not None and self.access is not None and self.http is not None
-        if pod is None:
-            try:
-                info = await find_manager_pod(self.api, self.manager_namespace, avoid=avoid)
-            except Forbidden as e:
-                raise e.with_hint(portforward_hint(self.manager_namespace)) from e
-            if info is None:
-                raise PoolUnavailable("no ready traffic manager pod")
-            pod = info.pod_name
-        # The access caches credentials and the TLS context for the REST calls and every
-        # port-forward alike: an exec credential plugin runs once per credential lifetime.
-        forward = await PortForward.open(
-            self.http,
-            self.access,
+        return await manageraccess.open_forward(
+            self.api, self.access, self.http, namespace=self.manager_namespace, pod=pod, avoid=avoid
+        )
+
+    async def _locate_direct(self, pod: str, port: int) -> list[Endpoint]:
+        assert self.api is not None
+        return await manageraccess.locate_direct(
+            self.api,
             namespace=self.manager_namespace,
             pod=pod,
-            port=TUNNEL_PORT,
+            configured=self.request.direct_address,
+            routed=self.routed,
         )
-        return pod, forward
 
     def _namespaces_changed(self, names: frozenset[str]) -> None:
         self.namespaces = names

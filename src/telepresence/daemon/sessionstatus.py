@@ -50,6 +50,8 @@ def describe(session: Session) -> dict[str, Any]:
             ),
             "tunnel_protocol": pool.protocol if pool else 0,
             "tunnel_connections": pool.connections if pool else 0,
+            # How new flows reach the manager: "direct (…)" or "port-forward (direct: why not)".
+            "transport": session.direct.describe() if session.direct else "port-forward",
             "udp_flows": len(session.udp.flows) if session.udp else 0,
             "reconnects": pool.reconnects if pool else 0,
             "proxy": "ON" if session.connected else "OFF",

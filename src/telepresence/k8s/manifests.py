@@ -11,9 +11,11 @@ restrict a verb to dry runs). Pods read: the pod subnet fallback covers observed
 when nodes have no podCIDRs. The pod passes the "restricted" Pod Security level, which
 the namespace enforces, so a later edit that weakens it is rejected at admission.
 
-No Service: the tunnel listens on the pod's loopback and is reached only through
-`pods/portforward`, so who may use the manager is who may port-forward to its pod. The
-pod network sees only the health port, which answers `GET /readyz` and nothing else.
+The plain tunnel listens on the pod's loopback and is reached only through
+`pods/portforward`, so who may use the manager is who may port-forward to its pod. The pod
+network sees the health port, which answers `GET /readyz` and nothing else, and the direct
+transport's port, which a NodePort Service exposes and which completes a TLS handshake only
+for credentials a session registered over port-forward (`manager/directlisten.py`).
 """
 
 from __future__ import annotations
@@ -46,6 +48,8 @@ PROTOCOL_ANNOTATION = "telepresence-py/protocol"
 #: only a namespace that carries it, never one an admin made.
 CREATED_NAMESPACE_ANNOTATION = "telepresence-py/created-namespace"
 TUNNEL_PORT = config.TUNNEL_PORT
+DIRECT_PORT = config.DIRECT_PORT
+DIRECT_SERVICE = config.DIRECT_SERVICE
 HEALTH_PORT = config.HEALTH_PORT
 #: The uid the image's USER is; "restricted" needs non-root, and a numeric uid lets the
 #: kubelet verify runAsNonRoot without reading the image.
@@ -277,6 +281,7 @@ def manager_env(
         _field_env("POD_NAMESPACE", "metadata.namespace"),
         {"name": config.DIAL_ALLOW_ENV, "value": format_networks(dial_allow)},
         {"name": config.DIAL_DENY_ENV, "value": format_networks(dial_deny)},
+        {"name": "DIRECT_PORT", "value": str(DIRECT_PORT)},
         *({"name": k, "value": v} for k, v in sorted((extra or {}).items())),
     ]
 
@@ -302,9 +307,11 @@ def deployment(
         "name": NAME,
         "image": image,
         "imagePullPolicy": "IfNotPresent",
-        # Only the health port: the tunnel port listens on the pod's loopback, for
-        # port-forwards, and is not the pod network's.
-        "ports": [{"name": "health", "containerPort": HEALTH_PORT, "protocol": "TCP"}],
+        # Not the tunnel port: it listens on the pod's loopback, for port-forwards.
+        "ports": [
+            {"name": "health", "containerPort": HEALTH_PORT, "protocol": "TCP"},
+            {"name": "direct", "containerPort": DIRECT_PORT, "protocol": "TCP"},
+        ],
         "env": manager_env(dial_allow=dial_allow, dial_deny=dial_deny, extra=extra_env),
         "securityContext": _restricted_security_context(),
         # Ready once the tunnel listens; `connect` waits for it.
@@ -364,6 +371,25 @@ def deployment(
     }
 
 
+def direct_service(namespace: str) -> Obj:
+    """The direct transport's way in from outside the cluster: a NodePort on every node.
+    ``Local`` keeps a connection on the node it arrives at, so a laptop that dials the
+    node of its session's pod reaches that pod, and no node forwards to another."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _meta(DIRECT_SERVICE, namespace),
+        "spec": {
+            "type": "NodePort",
+            "externalTrafficPolicy": "Local",
+            "selector": dict(APP_LABEL),
+            "ports": [
+                {"name": "direct", "port": DIRECT_PORT, "targetPort": "direct", "protocol": "TCP"}
+            ],
+        },
+    }
+
+
 def _field_env(name: str, path: str) -> Obj:
     return {"name": name, "valueFrom": {"fieldRef": {"fieldPath": path}}}
 
@@ -391,6 +417,7 @@ def manager_objects(
         role(namespace),
         role_binding(namespace),
         *(code_configmaps(namespace, code) if code is not None else ()),
+        direct_service(namespace),
         deployment(
             namespace,
             image=image,
@@ -414,15 +441,17 @@ def _ref(api_version: str, kind: str, name: str, namespace: str | None = None) -
 def uninstall_objects(namespace: str, *, delete_namespace: bool) -> list[Obj]:
     """What `telepresence manager uninstall` deletes, in order, as references (apiVersion,
     kind, name, namespace). The Deployment goes first, so the manager stops before its
-    permissions do; then the Service earlier versions installed; the bindings before
-    the roles they grant; the cluster-scoped objects by their namespaced names, so another
-    namespace's manager keeps its own; the namespace last, and only when the installer
-    created it (deleting it would take everything else in it too)."""
+    permissions do; then the Service earlier versions installed and the direct
+    transport's; the bindings before the roles they grant; the cluster-scoped objects by
+    their namespaced names, so another namespace's manager keeps its own; the namespace
+    last, and only when the installer created it (deleting it would take everything else
+    in it too)."""
     rbac = "rbac.authorization.k8s.io/v1"
     cluster_name = cluster_role_name(namespace)
     refs = [
         _ref("apps/v1", "Deployment", NAME, namespace),
         _ref("v1", "Service", NAME, namespace),
+        _ref("v1", "Service", DIRECT_SERVICE, namespace),
         _ref(rbac, "RoleBinding", NAME, namespace),
         _ref(rbac, "Role", NAME, namespace),
         _ref("v1", "ServiceAccount", NAME, namespace),

@@ -19,6 +19,12 @@ TUNNEL_HOST = "127.0.0.1"
 #: The health listener, on the pod network for the kubelet's probes; it answers only
 #: ``GET /readyz`` and tells nothing else.
 HEALTH_PORT = 8082
+#: The direct transport's listener, on the pod network (a NodePort Service maps to it):
+#: mutually authenticated TLS with per-session credentials only (`directlisten.py`).
+DIRECT_PORT = 8083
+DIRECT_HOST = "0.0.0.0"
+#: Names the NodePort Service of the direct transport, for laptops to find.
+DIRECT_SERVICE = "traffic-manager-direct"
 #: How long a stopping manager (SIGTERM) keeps serving laptops that have not moved to a
 #: replacement yet; the pod's terminationGracePeriodSeconds leaves room above it.
 DRAIN_SECONDS = 50.0

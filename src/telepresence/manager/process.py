@@ -17,6 +17,7 @@ import time
 
 from telepresence.fdlimit import raise_open_file_limit
 from telepresence.manager.config import (
+    DIRECT_HOST,
     DRAIN_SECONDS,
     HEALTH_HOST,
     HEALTH_PORT,
@@ -24,6 +25,7 @@ from telepresence.manager.config import (
     TUNNEL_PORT,
 )
 from telepresence.manager.dialpolicy import DialPolicy, DialPolicyError
+from telepresence.manager.directlisten import DirectListener
 from telepresence.manager.health import HealthServer
 from telepresence.manager.server import Manager, TunnelConnection
 
@@ -36,15 +38,34 @@ async def serve(
     health_port: int,
     dial_policy: DialPolicy,
     drain_seconds: float = DRAIN_SECONDS,
+    direct_port: int = 0,
 ) -> None:
+    """``direct_port``: where the direct transport listens; 0: no direct transport."""
     from telepresence.manager.runtime import cluster_info_source, dns_lookup
 
-    manager = Manager(dns_lookup=dns_lookup, dial_policy=dial_policy)
+    direct = DirectListener() if direct_port else None
+    manager = Manager(
+        dns_lookup=dns_lookup, dial_policy=dial_policy, direct=direct, direct_port=direct_port
+    )
     loop = asyncio.get_running_loop()
     # Loopback only: the kubelet's port-forward dials localhost in the pod, and nothing on
     # the pod network can reach the tunnel, so RBAC on pods/portforward decides who uses it.
     tunnel_server = await loop.create_server(
         lambda: TunnelConnection(manager), TUNNEL_HOST, tunnel_port, reuse_address=True
+    )
+    # On the pod network, but TLS with a session's own credentials or nothing: only a
+    # laptop that registered them over a port-forward link gets past the handshake.
+    direct_server = (
+        await loop.create_server(
+            lambda: TunnelConnection(manager, direct=True),
+            DIRECT_HOST,
+            direct_port,
+            ssl=direct.context,
+            ssl_handshake_timeout=5,
+            reuse_address=True,
+        )
+        if direct is not None
+        else None
     )
     # Not ready once stopping: laptops (and Services) pick a replacement.
     health = HealthServer(ready=lambda: tunnel_server.is_serving() and manager.draining is None)
@@ -66,6 +87,8 @@ async def serve(
         HEALTH_HOST,
         health_port,
     )
+    if direct_server is not None:
+        log.info("direct transport (mutual TLS) on %s:%d", DIRECT_HOST, direct_port)
     log.info("%s", dial_policy.describe())
     try:
         async with tunnel_server, health_server:
@@ -82,6 +105,8 @@ async def serve(
                 "every laptop moved" if drained else f"{len(manager.connections)} links cut",
             )
     finally:
+        if direct_server is not None:
+            direct_server.close()
         stop.cancel()
         for task in tasks:
             task.cancel()
@@ -94,6 +119,12 @@ def main() -> None:
     )
     parser.add_argument(
         "--health-port", type=int, default=int(os.environ.get("HEALTH_PORT", HEALTH_PORT))
+    )
+    parser.add_argument(
+        "--direct-port",
+        type=int,
+        default=int(os.environ.get("DIRECT_PORT", "0")),
+        help="listen for the direct transport (mutual TLS) here; 0: port-forward only",
     )
     parser.add_argument("--debug", action="store_true")
     args = parser.parse_args()
@@ -114,5 +145,6 @@ def main() -> None:
             health_port=args.health_port,
             dial_policy=dial_policy,
             drain_seconds=drain,
+            direct_port=args.direct_port,
         )
     )

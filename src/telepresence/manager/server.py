@@ -2,7 +2,9 @@
 
 Each port-forward from a laptop arrives as one TCP connection on the tunnel port and
 carries one multiplexed `Tunnel`. A laptop keeps a small pool of them; they share one
-session, identified by the session id the first `Arrive` got back.
+session, identified by the session id the first `Arrive` got back. A session may also
+send links over the direct transport (`directlisten.py`): TLS connections that arrive
+already bound to it, and may do nothing but join it.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from dataclasses import dataclass, field
 
 from telepresence import versions
 from telepresence.manager.dialpolicy import DialPolicy
+from telepresence.manager.directlisten import DirectCredentialError, DirectListener
 from telepresence.manager.udpdial import UdpDial
 from telepresence.tunnel.endpoint import Buffers, Tunnel, TunnelStream
 from telepresence.tunnel.flows import SocketFlow
@@ -29,6 +32,8 @@ from telepresence.tunnel.messages import (
     ClusterInfo,
     ControlMessage,
     Depart,
+    DirectGrant,
+    DirectRequest,
     DnsAnswer,
     DnsLookup,
     Draining,
@@ -63,10 +68,14 @@ class Session:
 
 
 class TunnelConnection(asyncio.Protocol):
-    """One laptop port-forward: a TCP connection carrying a Tunnel."""
+    """One laptop link carrying a Tunnel: a port-forward's TCP connection, or (``direct``)
+    a TLS connection of the direct transport."""
 
-    def __init__(self, manager: Manager) -> None:
+    def __init__(self, manager: Manager, *, direct: bool = False) -> None:
         self.manager = manager
+        self.direct = direct
+        #: A direct link's session, fixed by the credentials its handshake used.
+        self.bound_session: str | None = None
         self.transport: asyncio.Transport | None = None
         self.tunnel: Tunnel | None = None
         self.session: Session | None = None
@@ -75,6 +84,14 @@ class TunnelConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
+        if self.direct:
+            listener = self.manager.direct
+            ssl_object = transport.get_extra_info("ssl_object")
+            self.bound_session = listener.session_of(ssl_object) if listener else None
+            if self.bound_session is None:
+                # Its session ended between the handshake and now.
+                transport.abort()
+                return
         self.manager.connection_opened(self)
         self.tunnel = Tunnel(
             Role.SERVER,
@@ -126,6 +143,8 @@ class TunnelConnection(asyncio.Protocol):
     def _on_control(self, message: ControlMessage) -> None:
         assert self.tunnel is not None
         m = self.manager
+        if self.direct and not self._direct_may(message):
+            return
         if isinstance(message, Arrive):
             try:
                 self.session = m.arrive(message, self)
@@ -156,8 +175,35 @@ class TunnelConnection(asyncio.Protocol):
             m.depart(message.session_id)
         elif isinstance(message, DnsLookup):
             self._spawn(self._lookup(message), f"dns:{message.qname}")
+        elif isinstance(message, DirectRequest):
+            self.tunnel.send_control(self._grant(message))
         else:
             log.debug("ignoring %s from a laptop", type(message).__name__)
+
+    def _direct_may(self, message: ControlMessage) -> bool:
+        """A direct link is its session's and nothing else: it joins with Remain of that
+        session, never arrives anew or speaks for another."""
+        if isinstance(message, Arrive) or (
+            isinstance(message, Remain | Depart) and message.session_id != self.bound_session
+        ):
+            log.info("closing a direct link that spoke for another session")
+            self.close("a direct link belongs to the session of its credentials")
+            return False
+        return not isinstance(message, DirectRequest)
+
+    def _grant(self, message: DirectRequest) -> DirectGrant:
+        m = self.manager
+        if self.session is None:
+            return DirectGrant(error="no session: send Arrive or Remain first")
+        if m.direct is None:
+            return DirectGrant(error="this traffic manager has no direct listener")
+        try:
+            m.direct.register(self.session.id, message)
+        except DirectCredentialError as e:
+            log.info("session %s: direct transport refused: %s", self.session.id, e)
+            return DirectGrant(error=str(e))
+        log.info("session %s may use the direct transport", self.session.id)
+        return DirectGrant(port=m.direct_port)
 
     async def _lookup(self, message: DnsLookup) -> None:
         assert self.tunnel is not None
@@ -245,8 +291,13 @@ class Manager:
         session_ttl: float = SESSION_TTL,
         version: str | None = None,
         protocol: versions.ProtocolRange | None = None,
+        direct: DirectListener | None = None,
+        direct_port: int = 0,
     ) -> None:
         self.dns_lookup = dns_lookup
+        #: The direct transport's listener and its pod port; None: port-forward only.
+        self.direct = direct
+        self.direct_port = direct_port
         # What this manager reports and speaks; tests fake both through the environment.
         self.version = version or versions.package_version()
         self.protocol = protocol or versions.protocol_range()
@@ -337,6 +388,8 @@ class Manager:
 
     def depart(self, session_id: str) -> None:
         session = self.sessions.pop(session_id, None)
+        if self.direct is not None:
+            self.direct.forget(session_id)
         if session is not None:
             log.info("session %s departed", session_id)
             for conn in list(session.tunnels):

@@ -18,9 +18,10 @@ MAGIC = b"\xfeTPX"
 """Starts every preface. 0xFE cannot begin HTTP, TLS or SSH traffic, so a port-forward
 that lands on the wrong container port is diagnosed at the first bytes."""
 
-VERSION = 2
+VERSION = 3
 """The highest protocol version this code speaks; a new one for any change a peer of the
-previous version could not parse. 2: the manager's ``Draining`` control message."""
+previous version could not parse. 2: the manager's ``Draining`` control message. 3: the
+direct transport's ``DirectRequest`` and ``DirectGrant``."""
 MIN_VERSION = 1
 """The lowest version this code still speaks. Peers agree on the highest version in both
 ranges when the laptop arrives (docs/protocol.md, *Versioning*)."""

@@ -6,8 +6,8 @@ surfacing later as a missing key. Unknown *fields* are ignored, which lets a fie
 a default be added without a version bump.
 
 Direction is by convention, not enforced: the laptop sends Arrive, Remain, Depart and
-DnsLookup; the traffic manager sends ArriveOk, ClusterInfo, DnsAnswer and (protocol 2)
-Draining.
+DnsLookup and (protocol 3) DirectRequest; the traffic manager sends ArriveOk, ClusterInfo,
+DnsAnswer, (protocol 2) Draining and (protocol 3) DirectGrant.
 """
 
 from __future__ import annotations
@@ -88,6 +88,29 @@ class Draining(msgspec.Struct, frozen=True, tag="draining"):
     seconds: float
 
 
+class DirectRequest(msgspec.Struct, frozen=True, tag="direct-request"):
+    """Asks the manager to accept this session's links over mutually authenticated TLS,
+    without the API server in the path (protocol 3). Sent on a port-forward link of the
+    session, which RBAC already authenticated; the credentials are minted by the laptop
+    for this session only (`daemon/directcreds.py`) and die with it. The manager presents
+    ``server_cert`` (its ``server_key``) to a TLS client that names ``server_name`` in
+    SNI, and accepts only a client whose certificate is ``client_cert``. PEM text."""
+
+    server_name: str
+    server_cert: str
+    server_key: str
+    client_cert: str
+
+
+class DirectGrant(msgspec.Struct, frozen=True, tag="direct-grant"):
+    """The answer to DirectRequest: the pod port the TLS listener is on (a Service maps a
+    NodePort to it), or ``error`` saying why the manager will not (no listener, bad
+    credentials); the laptop then stays on port-forward."""
+
+    port: int = 0
+    error: str = ""
+
+
 # The GOAWAY reason a manager gives for a session it does not know (it restarted, or the
 # session expired): the laptop must arrive again on every tunnel.
 UNKNOWN_SESSION = "unknown session"
@@ -96,7 +119,16 @@ UNKNOWN_SESSION = "unknown session"
 INCOMPATIBLE = "incompatible versions: "
 
 ControlMessage = (
-    Arrive | ArriveOk | Remain | Depart | ClusterInfo | DnsLookup | DnsAnswer | Draining
+    Arrive
+    | ArriveOk
+    | Remain
+    | Depart
+    | ClusterInfo
+    | DnsLookup
+    | DnsAnswer
+    | Draining
+    | DirectRequest
+    | DirectGrant
 )
 
 _encoder = msgspec.msgpack.Encoder()
