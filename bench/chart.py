@@ -73,6 +73,20 @@ def render_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def render_ab(results: dict[str, Any], pairs: list[tuple[str, str]]) -> str:
+    """Each pair side by side (a changed path against the same path without the change),
+    with the ratio of the first to the second."""
+    lines = []
+    for a, b in pairs:
+        lines.append(f"\n{a} vs {b}")
+        for label, keys, _ in ROWS:
+            x, y = _get(results.get(a, {}), *keys), _get(results.get(b, {}), *keys)
+            ratio = f"{x / y:.2f}" if x is not None and y else "-"
+            cells = "".join(f"{'-' if v is None else f'{v:.2f}':>12}" for v in (x, y))
+            lines.append(f"  {label:<20}{cells}{ratio:>8}")
+    return "\n".join(lines)
+
+
 def render_chart(results: dict[str, Any], path: Path) -> None:
     import matplotlib
 

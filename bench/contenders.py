@@ -165,12 +165,16 @@ class Telepresence(Contender):
 
     cluster_ip: str = ""
     transport: str = "port-forward"
+    #: "asyncio": the daemon on the standard library's loop even with uvloop installed
+    #: (`--event-loops`, an A/B of the two in one run).
+    event_loop: str = ""
 
     def start(self) -> dict[str, float]:
         self.host = self.cluster_ip
         in_laptop("telepresence", "quit")
         devcluster("nodeports", "open" if self.transport == "direct" else "closed")
-        connect = timed_in_laptop("telepresence", "connect")
+        env = [f"TELEPRESENCE_EVENT_LOOP={self.event_loop}"] if self.event_loop else []
+        connect = timed_in_laptop("env", *env, "telepresence", "connect")
         deadline = time.monotonic() + 30
         while True:
             shown = in_laptop("telepresence", "status")

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import probes
-from bench.chart import render_chart, render_table
+from bench.chart import render_ab, render_chart, render_table
 from bench.contenders import (
     ECHO,
     HTTP,
@@ -207,6 +207,12 @@ def main() -> None:
     parser.add_argument(
         "--only", default="", help="comma-separated contender names, for a quick look"
     )
+    parser.add_argument(
+        "--event-loops",
+        action="store_true",
+        help="also run both telepresence paths with the daemon on asyncio's loop (an A/B "
+        "of uvloop; printed after the main table)",
+    )
     args = parser.parse_args()
     pod, cluster_ip, server = deploy()
     scripts = client_scripts()
@@ -217,6 +223,16 @@ def main() -> None:
         Telepresence("telepresence", cluster_ip=cluster_ip),
         Telepresence("telepresence-direct", cluster_ip=cluster_ip, transport="direct"),
     ]
+    if args.event_loops:
+        contenders += [
+            Telepresence("telepresence/asyncio", cluster_ip=cluster_ip, event_loop="asyncio"),
+            Telepresence(
+                "telepresence-direct/asyncio",
+                cluster_ip=cluster_ip,
+                transport="direct",
+                event_loop="asyncio",
+            ),
+        ]
     if args.only:
         wanted = set(args.only.split(","))
         contenders = [c for c in contenders if c.name in wanted]
@@ -235,6 +251,12 @@ def main() -> None:
     results = {name: median_of(r) for name, r in rounds.items()}
     results["rounds"] = rounds
     print(render_table(results))
+    if args.event_loops:
+        print(
+            render_ab(
+                results, [(p, f"{p}/asyncio") for p in ("telepresence", "telepresence-direct")]
+            )
+        )
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
     render_chart(results, args.chart)

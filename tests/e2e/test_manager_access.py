@@ -80,7 +80,12 @@ def test_the_tunnel_is_reachable_through_port_forward_only(cluster: Cluster) -> 
             check=False,
         )
         assert other.stdout == "404"
-        assert not cluster.get("services", "-n", NS)["items"]
+        # The one Service is the direct transport's NodePort, which is TLS that only a
+        # session's registered credentials pass (tests/e2e/test_direct.py).
+        services = cluster.get("services", "-n", NS)["items"]
+        assert [(s["metadata"]["name"], s["spec"]["ports"][0]["targetPort"]) for s in services] == [
+            ("traffic-manager-direct", "direct")
+        ]
         # Through the API server's port-forward, the session works.
         assert curl(cluster, "http://verylargejavaservice.default:8080/").returncode == 0
     finally:

@@ -19,7 +19,7 @@ from tests.e2e.cluster import POOL_CLIENT, Cluster, wait_for
 from tests.e2e.test_outbound import connect, curl, quit_
 
 NS = "ambassador"
-NEWER = {"TELEPRESENCE_TEST_VERSION": "0.2.0", "TELEPRESENCE_TEST_PROTOCOL": "1-3"}
+NEWER = {"TELEPRESENCE_TEST_VERSION": "0.2.0", "TELEPRESENCE_TEST_PROTOCOL": "1-4"}
 VENV_PYTHON = "/opt/telepresence-dev/venv/bin/python"
 
 # A second client of another version, at the tunnel level: it joins the manager as its own
@@ -80,7 +80,7 @@ def _objects(cluster: Cluster) -> set[str]:
 
 @pytest.fixture
 def newer_manager(cluster: Cluster) -> Iterator[Cluster]:
-    """A manager of version 0.2.0 (protocol 1-3), installed by a client of that version."""
+    """A manager of version 0.2.0 (protocol 1-4), installed by a client of that version."""
     quit_(cluster)
     _as_laptop(cluster, NEWER, "telepresence", "manager", "upgrade", timeout=180)
     assert _deployment(cluster)["metadata"]["annotations"]["telepresence-py/version"] == "0.2.0"  # type: ignore[index]
@@ -114,7 +114,7 @@ def test_two_clients_of_different_versions_share_the_manager_at_once(
     newer_manager: Cluster,
 ) -> None:
     cluster = newer_manager
-    connect(cluster)  # this client, 0.1.0 (protocol 1-2)
+    connect(cluster)  # this client, 0.1.0 (protocol 1-3)
     pairs = [f"{k}={v}" for k, v in NEWER.items()]
     second = subprocess.Popen(
         [
@@ -139,12 +139,12 @@ def test_two_clients_of_different_versions_share_the_manager_at_once(
         joined = json.loads(second.stdout.readline() or "{}")
         assert joined.get("version") == "0.2.0", second.stderr.read() if second.stderr else ""
         assert joined["manager"] == "0.2.0"
-        assert joined["protocol"] == 3  # the highest both speak
+        assert joined["protocol"] == 4  # the highest both speak
         assert joined["answer"] == ["10.96.0.1"]
-        # Meanwhile the first client, on protocol 2, works through the same manager.
+        # Meanwhile the first client, on protocol 3, works through the same manager.
         assert curl(cluster, "http://verylargejavaservice.default:8080/").returncode == 0
         status = json.loads(cluster.laptop("telepresence", "status", "-o", "json").stdout)
-        assert status["user_daemon"]["tunnel_protocol"] == 2
+        assert status["user_daemon"]["tunnel_protocol"] == 3
         second.stdin.write("\n")
         second.stdin.flush()
         assert second.wait(timeout=30) == 0

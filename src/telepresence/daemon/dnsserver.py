@@ -16,7 +16,7 @@ import logging
 from collections.abc import Callable, Coroutine, Sequence
 from ipaddress import IPv4Network
 from types import TracebackType
-from typing import Any
+from typing import Any, cast
 
 from telepresence.daemon.dns import (
     ClusterAnswerHook,
@@ -208,8 +208,8 @@ class _TcpConnection(asyncio.Protocol):
         self._idle: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        # A stream transport; uvloop's does not subclass asyncio.Transport.
+        self._transport = cast(asyncio.Transport, transport)
         self._server._connections.add(self)
         self._arm_idle_timer()
 

@@ -13,6 +13,7 @@ import contextlib
 import socket
 import struct
 from collections.abc import Callable
+from typing import cast
 
 from telepresence.tunnel.endpoint import TunnelStream
 from telepresence.tunnel.frames import DialError
@@ -39,8 +40,7 @@ def abort_with_reset(transport: asyncio.BaseTransport | None) -> None:
     if sock is not None:
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    assert isinstance(transport, asyncio.Transport)
-    transport.abort()
+    cast(asyncio.Transport, transport).abort()
 
 
 class SocketFlow(asyncio.Protocol):
@@ -74,8 +74,8 @@ class SocketFlow(asyncio.Protocol):
     # --- asyncio.Protocol: the local socket -------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # A stream transport; uvloop's does not subclass asyncio.Transport.
+        self.transport = cast(asyncio.Transport, transport)
         sock = transport.get_extra_info("socket")
         if sock is not None:
             with contextlib.suppress(OSError):
