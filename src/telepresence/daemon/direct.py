@@ -16,10 +16,12 @@ is not enough to use it.
 from __future__ import annotations
 
 import asyncio
+import collections
 import ipaddress
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 from telepresence.daemon.directcreds import DirectCredentials, mint
 from telepresence.daemon.managerlink import DIRECT, PORT_FORWARD
@@ -41,7 +43,7 @@ CHECK_EVERY = 1.0
 #: Waits between attempts after a failure: 2 s, doubling, at most 60 s.
 FIRST_RETRY = 2.0
 MAX_RETRY = 60.0
-#: One read from the TLS stream; as large as the port-forward's messages.
+#: Decrypted bytes waiting for the link's reader before the socket stops being read.
 READ_CHUNK = 256 * 1024
 
 #: How the direct path is configured: tried when found (the default), or never.
@@ -106,24 +108,35 @@ def _routed(host: str, routed: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Ne
     return any(ip in net for net in routed)
 
 
-class DirectConnection:
-    """A TLS connection to the manager's direct listener, as a LinkConnection."""
+class DirectConnection(asyncio.Protocol):
+    """A TLS connection to the manager's direct listener, as a LinkConnection.
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._reader = reader
-        self._writer = writer
+    A Protocol rather than asyncio's streams: the decrypted chunks go to the tunnel as the
+    TLS layer hands them over, where a StreamReader would copy each into its buffer and
+    out again."""
+
+    def __init__(self) -> None:
+        self._chunks: collections.deque[bytes] = collections.deque()
+        self._queued = 0
+        self._readable = asyncio.Event()
+        self._ended: Exception | None = None
+        self._at_eof = False
+        self._reading_paused = False
+        self._writable: asyncio.Future[None] | None = None
+        self._transport: asyncio.Transport | None = None
 
     @classmethod
     async def open(cls, endpoint: Endpoint, creds: DirectCredentials) -> DirectConnection:
         """Raises DirectUnavailable naming the endpoint and what failed."""
+        loop = asyncio.get_running_loop()
         try:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(
+            _, conn = await asyncio.wait_for(
+                loop.create_connection(
+                    cls,
                     endpoint.host,
                     endpoint.port,
                     ssl=creds.client_context(),
                     server_hostname=creds.server_name,
-                    limit=READ_CHUNK,
                 ),
                 CONNECT_TIMEOUT,
             )
@@ -131,17 +144,77 @@ class DirectConnection:
             raise DirectUnavailable(f"no answer from {endpoint} in {CONNECT_TIMEOUT:g}s") from None
         except OSError as e:  # ssl.SSLError included: the wrong pod, or not our listener
             raise DirectUnavailable(f"{endpoint}: {e.strerror or e}") from None
-        return cls(reader, writer)
+        return conn
+
+    # --- asyncio.Protocol ----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        self._chunks.append(data)
+        self._queued += len(data)
+        self._readable.set()
+        if self._queued > READ_CHUNK and not self._reading_paused and self._transport:
+            # The link's reader is behind: let TCP push back on the manager.
+            self._reading_paused = True
+            self._transport.pause_reading()
+
+    def eof_received(self) -> bool:
+        self._at_eof = True
+        self._readable.set()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._at_eof = True
+        self._ended = exc
+        self._readable.set()
+        self.resume_writing()
+
+    def pause_writing(self) -> None:
+        if self._writable is None:
+            self._writable = asyncio.get_running_loop().create_future()
+
+    def resume_writing(self) -> None:
+        if self._writable is not None and not self._writable.done():
+            self._writable.set_result(None)
+        self._writable = None
+
+    # --- LinkConnection ------------------------------------------------------------------
 
     async def receive(self) -> bytes:
-        return await self._reader.read(READ_CHUNK)
+        while not self._chunks:
+            if self._at_eof:
+                if self._ended is not None:
+                    raise self._ended
+                return b""
+            self._readable.clear()
+            await self._readable.wait()
+        data = self._chunks.popleft()
+        self._queued -= len(data)
+        if self._reading_paused and self._queued <= READ_CHUNK // 2 and self._transport:
+            self._reading_paused = False
+            self._transport.resume_reading()
+        return data
+
+    def write_now(self, buffers: list[bytes | memoryview]) -> bool:
+        if self._writable is not None or self._transport is None:
+            return False
+        if self._transport.is_closing():
+            return False  # the writer task will say so
+        self._transport.writelines(buffers)
+        return True
 
     async def send_buffers(self, buffers: list[bytes | memoryview]) -> None:
-        self._writer.writelines(buffers)
-        await self._writer.drain()
+        if self._transport is None or self._transport.is_closing():
+            raise ConnectionResetError("the direct connection is closed")
+        self._transport.writelines(buffers)
+        if self._writable is not None:
+            await self._writable
 
     async def close(self) -> None:
-        self._writer.close()
+        if self._transport is not None:
+            self._transport.close()
 
 
 #: Finds the endpoints of the direct listener on ``pod`` (whose container port is
