@@ -190,3 +190,28 @@ def test_when_the_direct_path_breaks_new_flows_take_port_forward(session: Cluste
     wait_for(lambda: transport(c).startswith("direct ("), timeout=60, what="direct again")
     status = json.loads(c.laptop("telepresence", "status", "-o", "json").stdout)
     assert status["user_daemon"]["reconnects"] == 0  # the session never broke
+
+
+def _bench_rows(out: str) -> dict[str, list[str]]:
+    return {
+        name: line.split()[-5:]
+        for line in out.splitlines()
+        for name in ("telepresence", "kubectl port-forward")
+        if line.startswith(name + " ") or line.startswith(name + "\t")
+    }
+
+
+@pytest.mark.parametrize("state", ["closed", "open"])
+def test_bench_measures_the_transport_in_use_beside_kubectl(session: Cluster, state: str) -> None:
+    c = session
+    nodeports(c, state)
+    connect(c)
+    want = "direct (" if state == "open" else "port-forward ("
+    wait_for(lambda: transport(c).startswith(want), timeout=30, what=want)
+    out = c.laptop("telepresence", "bench", "--seconds", "1", "--port-forward", timeout=240).stdout
+    assert f"Transport: {want}" in out
+    rows = _bench_rows(out)
+    assert set(rows) == {"telepresence", "kubectl port-forward"}, out
+    for up, down, p50, _, p99 in rows.values():
+        assert float(up) > 0 and float(down) > 0
+        assert 0 < float(p50) <= float(p99)

@@ -90,6 +90,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     sub.add_parser("list", help="list intercepts")
     sub.add_parser("version", help="show the version")
+    p = sub.add_parser(
+        "bench", help="measure throughput and latency to the traffic manager through the tunnel"
+    )
+    p.add_argument("--seconds", type=float, default=3.0, help="per direction (default 3)")
+    p.add_argument(
+        "--port-forward",
+        action="store_true",
+        help="also measure the same through `kubectl port-forward` (needs kubectl on PATH)",
+    )
+    p.add_argument("--kubeconfig", help="for kubectl (default: $KUBECONFIG)")
     p = sub.add_parser("manifests", help="print the traffic manager's manifests (for GitOps)")
     _image_flags(p)
     p = sub.add_parser("helper", help="install the root network helper for prompt-free connects")
@@ -300,6 +310,31 @@ def cmd_helper(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from telepresence.benchclient import BenchError
+    from telepresence.cli import bench
+
+    status = client.status()
+    if status["user_daemon"].get("status") != "Connected":
+        raise CliError("not connected: run `telepresence connect` first")
+    print(f"Measuring for {args.seconds:g} s each way, then 100 fresh connections ...", flush=True)
+    try:
+        tunnel = bench.through_tunnel(args.seconds)
+        rows = [("telepresence", tunnel)]
+        if args.port_forward:
+            rows.append(
+                (
+                    "kubectl port-forward",
+                    bench.through_kubectl(status, args.seconds, args.kubeconfig),
+                )
+            )
+    except (bench.BenchFailed, BenchError) as e:
+        raise CliError(str(e)) from None
+    print(f"Transport: {tunnel['transport']}")
+    print(bench.table(rows))
+    return 0
+
+
 def cmd_manager(args: argparse.Namespace) -> int:
     from telepresence.cli import manager
 
@@ -356,6 +391,7 @@ def main(argv: list[str] | None = None) -> None:
         "leave": cmd_leave,
         "list": cmd_list,
         "version": cmd_version,
+        "bench": cmd_bench,
     }
     started = time.monotonic()
     try:

@@ -63,7 +63,14 @@ class Quit:
     pass
 
 
-Command = Status | HelperListen | Connect | Intercept | Leave | ListIntercepts | Quit
+@dataclass(frozen=True, slots=True)
+class Bench:
+    """`telepresence bench`: measure the tunnel against the manager for ``seconds``."""
+
+    seconds: float
+
+
+Command = Status | HelperListen | Connect | Intercept | Leave | ListIntercepts | Quit | Bench
 
 _PLAIN: dict[str, Command] = {
     "status": Status(),
@@ -89,5 +96,10 @@ def parse_request(line: bytes) -> Command:
         return Intercept(ipc.text(message, "name"), ipc.text(message, "namespace"))
     if cmd == "leave":
         return Leave(ipc.text(message, "name"))
+    if cmd == "bench":
+        seconds = message.get("seconds")
+        if isinstance(seconds, bool) or not isinstance(seconds, int | float):
+            raise ipc.MalformedMessage(f"seconds: expected a number, got {seconds!r:.60}")
+        return Bench(float(seconds))
     shown = repr(cmd) if len(repr(cmd)) <= 60 else repr(cmd)[:60] + "…"
     raise ipc.MalformedMessage(f"unknown command {shown}")

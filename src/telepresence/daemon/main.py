@@ -18,7 +18,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from telepresence import __version__, ipc, paths, versions
-from telepresence.daemon import control
+from telepresence.benchclient import BenchError
+from telepresence.daemon import benchrun, control
 from telepresence.daemon.request import ConnectError, ConnectRequest
 from telepresence.daemon.session import Session
 from telepresence.fdlimit import raise_open_file_limit
@@ -102,6 +103,8 @@ class Daemon:
                     await self._connect(request, send)
                 case control.Intercept() | control.Leave() | control.ListIntercepts():
                     send(self._intercepts(command))
+                case control.Bench(seconds):
+                    send(await self._bench(seconds))
                 case control.Quit():
                     send({"result": {"pid": os.getpid()}})
                     await writer.drain()
@@ -111,6 +114,16 @@ class Daemon:
             log.info("control client: %s", e)
         finally:
             writer.close()
+
+    async def _bench(self, seconds: float) -> dict[str, Any]:
+        session = self.session
+        if session is None or not session.connected or session.pool is None:
+            return {"error": "not connected: run `telepresence connect` first"}
+        try:
+            result = await benchrun.run(session.pool, seconds=seconds)
+        except BenchError as e:
+            return {"error": str(e)}
+        return {"result": {"transport": session.status()["user_daemon"]["transport"], **result}}
 
     async def _connect(self, request: ConnectRequest, send: Any) -> None:
         async with self._connecting:

@@ -23,6 +23,9 @@ HEALTH_PORT = 8082
 #: mutually authenticated TLS with per-session credentials only (`directlisten.py`).
 DIRECT_PORT = 8083
 DIRECT_HOST = "0.0.0.0"
+#: The bench service (`benchservice.py`) for `telepresence bench --port-forward`: on the
+#: pod's loopback, like the tunnel, so only a port-forward reaches it.
+BENCH_LOCAL_PORT = 8084
 #: Names the NodePort Service of the direct transport, for laptops to find.
 DIRECT_SERVICE = "traffic-manager-direct"
 #: How long a stopping manager (SIGTERM) keeps serving laptops that have not moved to a

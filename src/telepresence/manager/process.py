@@ -16,7 +16,9 @@ import sys
 import time
 
 from telepresence.fdlimit import raise_open_file_limit
+from telepresence.manager.benchservice import SocketBench
 from telepresence.manager.config import (
+    BENCH_LOCAL_PORT,
     DIRECT_HOST,
     DRAIN_SECONDS,
     HEALTH_HOST,
@@ -67,6 +69,10 @@ async def serve(
         if direct is not None
         else None
     )
+    # `telepresence bench --port-forward`'s far end: loopback, so port-forward only.
+    bench_server = await loop.create_server(
+        SocketBench, TUNNEL_HOST, BENCH_LOCAL_PORT, reuse_address=True
+    )
     # Not ready once stopping: laptops (and Services) pick a replacement.
     health = HealthServer(ready=lambda: tunnel_server.is_serving() and manager.draining is None)
     health_server = await health.start(HEALTH_HOST, health_port)
@@ -107,6 +113,7 @@ async def serve(
     finally:
         if direct_server is not None:
             direct_server.close()
+        bench_server.close()
         stop.cancel()
         for task in tasks:
             task.cancel()

@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from telepresence import versions
+from telepresence.manager.benchservice import BENCH_ADDRESS, BENCH_PORT, StreamBench
 from telepresence.manager.dialpolicy import DialPolicy
 from telepresence.manager.directlisten import DirectCredentialError, DirectListener
 from telepresence.manager.udpdial import UdpDial
@@ -48,6 +49,8 @@ DIAL_TIMEOUT = 10.0
 SESSION_TTL = 30.0
 #: The first protocol version whose laptops understand Draining.
 DRAINING_PROTOCOL = 2
+#: The first protocol version with the bench service (`benchservice.py`).
+BENCH_PROTOCOL = 3
 
 #: Starts the DIAL_RESULT message of a dial the policy refused.
 POLICY_REFUSAL = "refused by the manager's dial policy"
@@ -220,6 +223,15 @@ class TunnelConnection(asyncio.Protocol):
     def _on_open(self, stream: TunnelStream, dial: Dial) -> None:
         if self.session is None:
             stream.reject(DialError.FAILED, "no session: send Arrive or Remain first")
+            return
+        if (
+            (dial.address, dial.port) == (BENCH_ADDRESS, BENCH_PORT)
+            and dial.protocol is IPProtocol.TCP
+            and self.session.protocol >= BENCH_PROTOCOL
+        ):
+            # `telepresence bench`: the manager itself is the far end, nothing is dialled.
+            stream.handler = StreamBench(stream)
+            stream.accept()
             return
         verdict = self.manager.dial_policy.check(dial.address)
         if not verdict.allowed:
