@@ -16,7 +16,8 @@ import pytest
 
 from telepresence.daemon.pool import ManagerPool, PoolUnavailable
 from telepresence.manager.dialpolicy import DialPolicy
-from telepresence.manager.server import POLICY_REFUSAL, Manager, TunnelConnection
+from telepresence.manager.dialer import POLICY_REFUSAL
+from telepresence.manager.server import Manager, TunnelConnection
 from telepresence.tunnel.flows import SocketFlow
 from telepresence.tunnel.frames import Dial, DialError, IPProtocol
 from telepresence.tunnel.messages import ClusterInfo

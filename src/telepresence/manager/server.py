@@ -10,7 +10,6 @@ already bound to it, and may do nothing but join it.
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
 import time
 import uuid
@@ -18,13 +17,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from telepresence import versions
-from telepresence.manager.benchservice import BENCH_ADDRESS, BENCH_PORT, StreamBench
+from telepresence.manager import dialer
 from telepresence.manager.dialpolicy import DialPolicy
 from telepresence.manager.directlisten import DirectCredentialError, DirectListener
-from telepresence.manager.udpdial import UdpDial
 from telepresence.tunnel.endpoint import Buffers, Tunnel, TunnelStream
-from telepresence.tunnel.flows import SocketFlow
-from telepresence.tunnel.frames import Dial, DialError, IPProtocol
+from telepresence.tunnel.frames import Dial, DialError
 from telepresence.tunnel.messages import (
     INCOMPATIBLE,
     UNKNOWN_SESSION,
@@ -44,16 +41,11 @@ from telepresence.tunnel.protocol import Role
 
 log = logging.getLogger("telepresence.manager")
 
-DIAL_TIMEOUT = 10.0
 # A laptop sends Remain every few seconds; after this much silence its session is gone.
 SESSION_TTL = 30.0
 #: The first protocol version whose laptops understand Draining.
 DRAINING_PROTOCOL = 2
-#: The first protocol version with the bench service (`benchservice.py`).
-BENCH_PROTOCOL = 3
 
-#: Starts the DIAL_RESULT message of a dial the policy refused.
-POLICY_REFUSAL = "refused by the manager's dial policy"
 
 DnsLookupFn = Callable[[str, int], Awaitable[bytes]]
 
@@ -224,74 +216,12 @@ class TunnelConnection(asyncio.Protocol):
         if self.session is None:
             stream.reject(DialError.FAILED, "no session: send Arrive or Remain first")
             return
-        if (
-            (dial.address, dial.port) == (BENCH_ADDRESS, BENCH_PORT)
-            and dial.protocol is IPProtocol.TCP
-            and self.session.protocol >= BENCH_PROTOCOL
-        ):
-            # `telepresence bench`: the manager itself is the far end, nothing is dialled.
-            stream.handler = StreamBench(stream)
-            stream.accept()
-            return
-        verdict = self.manager.dial_policy.check(dial.address)
-        if not verdict.allowed:
-            # FAILED with the reason, not a new result code: the laptop resets the local
-            # connection on any failed dial and logs the message, and no version bump.
-            log.info(
-                "session %s: %s dial to %s:%d refused: %s",
-                self.session.id,
-                dial.protocol.name,
-                dial.address,
-                dial.port,
-                verdict.reason,
-            )
-            stream.reject(DialError.FAILED, f"{POLICY_REFUSAL}: {verdict.reason}")
-            return
-        # The handler is attached now, not in the dial task: data sent right behind the
-        # OPEN arrives in the same batch and must be kept until the dial completes.
-        if dial.protocol is IPProtocol.TCP:
-            flow = SocketFlow()
-            flow.attach(stream)
-            self._spawn(self._dial_tcp(stream, flow, dial), f"dial:{dial.address}:{dial.port}")
-        else:
-            udp = UdpDial(stream)
-            self._spawn(self._dial_udp(stream, udp, dial), f"udp:{dial.address}:{dial.port}")
-
-    async def _dial_udp(self, stream: TunnelStream, flow: UdpDial, dial: Dial) -> None:
-        loop = asyncio.get_running_loop()
-        try:
-            await loop.create_datagram_endpoint(lambda: flow, remote_addr=(dial.address, dial.port))
-        except OSError as e:
-            stream.reject(DialError.UNREACHABLE, e.strerror or str(e))
-            return
-        if stream.closed:
-            flow.stream_reset()
-        else:
-            stream.accept()
-            flow.accepted()
-
-    async def _dial_tcp(self, stream: TunnelStream, flow: SocketFlow, dial: Dial) -> None:
-        loop = asyncio.get_running_loop()
-        try:
-            await asyncio.wait_for(
-                loop.create_connection(lambda: flow, dial.address, dial.port), DIAL_TIMEOUT
-            )
-        except ConnectionRefusedError:
-            stream.reject(DialError.REFUSED, "connection refused")
-        except TimeoutError:
-            stream.reject(DialError.TIMEOUT, f"no answer in {DIAL_TIMEOUT:.0f}s")
-        except OSError as e:
-            code = (
-                DialError.UNREACHABLE
-                if e.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH)
-                else DialError.FAILED
-            )
-            stream.reject(code, e.strerror or str(e))
-        else:
-            if stream.closed:
-                flow.stream_reset()
-            else:
-                stream.accept()
+        task = dialer.open_stream(
+            stream, dial, session=self.session.id, protocol=self.session.protocol,
+            policy=self.manager.dial_policy,
+        )  # fmt: skip
+        if task is not None:
+            self._spawn(task, f"dial:{dial.address}:{dial.port}")
 
 
 class Manager:
