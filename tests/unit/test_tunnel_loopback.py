@@ -15,8 +15,8 @@ from typing import cast
 import pytest
 
 from telepresence.daemon.pool import ManagerPool, PoolUnavailable
-from telepresence.manager.dialpolicy import DialPolicy
 from telepresence.manager.dialer import POLICY_REFUSAL
+from telepresence.manager.dialpolicy import DialPolicy
 from telepresence.manager.server import Manager, TunnelConnection
 from telepresence.tunnel.flows import SocketFlow
 from telepresence.tunnel.frames import Dial, DialError, IPProtocol
