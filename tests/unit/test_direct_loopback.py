@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from telepresence.daemon.direct import DirectConnection, DirectRoute, DirectUnavailable, Endpoint
-from telepresence.daemon.directcreds import mint
+from telepresence.daemon.directcreds import DirectCredentials, mint
 from telepresence.daemon.managerlink import DIRECT, PORT_FORWARD, ManagerLink
 from telepresence.daemon.pool import ManagerPool
 from telepresence.manager.directlisten import DirectListener
@@ -61,6 +61,13 @@ class DirectWorld(World):
         await self.pool.start()
         self.route_task = asyncio.create_task(self.route.run())
 
+    async def go_direct(self) -> DirectCredentials:
+        """Joins, waits for the route's two direct links, returns its credentials."""
+        await self.join()
+        await until(lambda: self.route.live_links() == 2, "two direct links", timeout=10)
+        assert self.route._granted is not None
+        return self.route._granted[1]
+
     def break_direct(self) -> None:
         """The direct path goes away (a firewall, a node gone): its listener and links."""
         self.direct_server.close()
@@ -89,8 +96,7 @@ def _direct_links(w: DirectWorld) -> list[ManagerLink]:
 
 async def test_new_flows_take_the_direct_links_once_granted(direct_world: DirectWorld) -> None:
     w = direct_world
-    await w.join()
-    await until(lambda: w.route.live_links() == 2, "two direct links", timeout=10)
+    await w.go_direct()
     # Granted over port-forward, for the pod the session's port-forward links reach.
     assert w.located == [("mgr-a", w.direct_port)]
     assert len(w.listener) == 1
@@ -112,8 +118,7 @@ async def test_new_flows_fall_back_to_port_forward_when_the_direct_path_breaks(
     direct_world: DirectWorld,
 ) -> None:
     w = direct_world
-    await w.join()
-    await until(lambda: w.route.live_links() == 2, "two direct links", timeout=10)
+    await w.go_direct()
     w.break_direct()
     await until(lambda: not _direct_links(w), "the direct links gone", timeout=10)
     payload = b"still here" * 1000
@@ -129,10 +134,7 @@ async def test_new_flows_fall_back_to_port_forward_when_the_direct_path_breaks(
 
 async def test_a_session_end_revokes_its_credentials(direct_world: DirectWorld) -> None:
     w = direct_world
-    await w.join()
-    await until(lambda: w.route.live_links() == 2, "two direct links", timeout=10)
-    assert w.route._granted is not None
-    _, creds, _ = w.route._granted
+    creds = await w.go_direct()
     w.route_task and w.route_task.cancel()
     await w.pool.close()
     await until(lambda: len(w.listener) == 0, "credentials forgotten", timeout=5)
@@ -144,10 +146,7 @@ async def test_the_listener_admits_only_a_registered_sessions_credentials(
     direct_world: DirectWorld,
 ) -> None:
     w = direct_world
-    await w.join()
-    await until(lambda: w.route.live_links() == 2, "two direct links", timeout=10)
-    assert w.route._granted is not None
-    _, creds, _ = w.route._granted
+    creds = await w.go_direct()
     here = Endpoint("127.0.0.1", w.direct_port, "test")
 
     # Plain TCP (what a port scan or a pod in the cluster sends): no tunnel, just closed.
@@ -181,10 +180,7 @@ async def test_the_listener_admits_only_a_registered_sessions_credentials(
 
 async def test_a_direct_link_cannot_arrive_as_a_new_session(direct_world: DirectWorld) -> None:
     w = direct_world
-    await w.join()
-    await until(lambda: w.route.live_links() == 2, "two direct links", timeout=10)
-    assert w.route._granted is not None
-    _, creds, _ = w.route._granted
+    creds = await w.go_direct()
     conn = await DirectConnection.open(Endpoint("127.0.0.1", w.direct_port, "test"), creds)
     closed: asyncio.Future[str] = asyncio.get_running_loop().create_future()
 
