@@ -106,7 +106,9 @@ def render_chart(results: dict[str, Any], path: Path) -> None:
     bulk.set_xticks(range(len(groups)), [label for label, _ in groups])
     bulk.set_ylabel("MiB/s (iperf3)")
     bulk.set_title("Bulk throughput")
-    bulk.legend()
+    # Headroom above the tallest bar, so the legend covers none.
+    bulk.set_ylim(top=bulk.get_ylim()[1] * 1.35)
+    bulk.legend(fontsize=7, ncol=2, loc="upper left")
     for i, name in enumerate(PATHS):
         values = [_get(results.get(name, {}), "latency ms", q) or 0 for q in ("p50", "p99")]
         latency.bar([g + offset(i) for g in range(2)], values, width, label=name)
