@@ -14,12 +14,10 @@ from typing import Any
 
 from telepresence.benchclient import BenchError, measure
 from telepresence.daemon.pool import ManagerPool
-from telepresence.manager.benchservice import BENCH_ADDRESS, BENCH_PORT
+from telepresence.manager.benchservice import BENCH_ADDRESS, BENCH_PORT, BENCH_PROTOCOL
 from telepresence.tunnel.flows import SocketFlow
 from telepresence.tunnel.frames import Dial, IPProtocol
 
-#: The first protocol version whose managers have the bench service.
-BENCH_PROTOCOL = 3
 #: Longest measurement a request may ask for: the control connection waits for it.
 MAX_SECONDS = 60.0
 

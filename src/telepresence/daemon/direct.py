@@ -248,10 +248,6 @@ class DirectRoute:
         self.why_not = "not tried yet" if mode == AUTO else "turned off in the config file"
         self._said = ""
 
-    @property
-    def transport(self) -> str:
-        return DIRECT if self.live_links() else PORT_FORWARD
-
     def describe(self) -> str:
         """One line for `status`: "direct (192.0.2.1:31443, NodePort on …)" or
         "port-forward (direct: why not)"."""

@@ -175,15 +175,22 @@ class ManagerPool(PoolKeeper):
         name, pf = await asyncio.wait_for(
             self._open_forward(pod, frozenset(self._avoid)), OPEN_TIMEOUT
         )
+        return self._start_link(pf, name, PORT_FORWARD)
+
+    def _start_link(self, conn: LinkConnection, pod: str, transport: str) -> ManagerLink:
+        """A new link in the pool, running; named for `status --flows` (tunnel-N or
+        direct-N, numbered across the session)."""
         t = ManagerLink(
-            pf,
-            pod=name,
+            conn,
+            pod=pod,
             on_control=self._on_control,
             on_closed=self._tunnel_closed,
             protocol=self.protocol,
+            transport=transport,
         )
         self.tunnels.append(t)
-        t.start(name=f"tunnel-{next(self._link_ids)}")
+        prefix = "direct" if transport == DIRECT else "tunnel"
+        t.start(name=f"{prefix}-{next(self._link_ids)}")
         return t
 
     def healthy(self) -> list[ManagerLink]:
@@ -330,16 +337,7 @@ class ManagerPool(PoolKeeper):
 
     def add_direct_link(self, pod: str, conn: LinkConnection) -> ManagerLink:
         """A link over the direct transport joins the session; new flows prefer it."""
-        t = ManagerLink(
-            conn,
-            pod=pod,
-            on_control=self._on_control,
-            on_closed=self._tunnel_closed,
-            protocol=self.protocol,
-            transport=DIRECT,
-        )
-        self.tunnels.append(t)
-        t.start(name=f"direct-{next(self._link_ids)}")
+        t = self._start_link(conn, pod, DIRECT)
         t.session_id = self.session_id
         t.tunnel.send_control(Remain(self.session_id))
         return t

@@ -29,6 +29,8 @@ from telepresence.tunnel.frames import DialError
 #: What a session dials for the bench service: an address no socket can be opened to.
 BENCH_ADDRESS = "0.0.0.0"
 BENCH_PORT = 9
+#: The first tunnel protocol version whose managers serve it.
+BENCH_PROTOCOL = 3
 REQUEST = struct.Struct(">cQ")
 COUNT = struct.Struct(">Q")
 UPLOAD, DOWNLOAD, ECHO = b"U", b"D", b"E"

@@ -13,7 +13,12 @@ import logging
 from collections.abc import Coroutine
 from typing import Any
 
-from telepresence.manager.benchservice import BENCH_ADDRESS, BENCH_PORT, StreamBench
+from telepresence.manager.benchservice import (
+    BENCH_ADDRESS,
+    BENCH_PORT,
+    BENCH_PROTOCOL,
+    StreamBench,
+)
 from telepresence.manager.dialpolicy import DialPolicy
 from telepresence.manager.udpdial import UdpDial
 from telepresence.tunnel.endpoint import TunnelStream
@@ -25,8 +30,6 @@ log = logging.getLogger("telepresence.manager")
 DIAL_TIMEOUT = 10.0
 #: Starts the DIAL_RESULT message of a dial the policy refused.
 POLICY_REFUSAL = "refused by the manager's dial policy"
-#: The first protocol version with the bench service (`benchservice.py`).
-BENCH_PROTOCOL = 3
 
 
 def open_stream(
