@@ -5,13 +5,22 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-PATHS = ("direct", "port-forward", "telepresence", "telepresence-direct")
+PATHS = ("direct", "port-forward", "telepresence", "telepresence-direct", "telepresence2")
+#: Column headings: the paths' names are too wide for five columns.
+SHORT = {
+    "direct": "direct",
+    "port-forward": "kubectl pf",
+    "telepresence": "tp",
+    "telepresence-direct": "tpD",
+    "telepresence2": "Tel2",
+}
 #: The ratio columns: (heading, path, baseline path).
 RATIOS = (
     ("tp/pf", "telepresence", "port-forward"),
-    ("tp/dir", "telepresence", "direct"),
+    ("tp/Tel2", "telepresence", "telepresence2"),
     ("tpD/pf", "telepresence-direct", "port-forward"),
     ("tpD/dir", "telepresence-direct", "direct"),
+    ("Tel2/pf", "telepresence2", "port-forward"),
 )
 
 
@@ -31,6 +40,8 @@ ROWS: list[tuple[str, tuple[str, ...], bool]] = [
     ("down x4 MiB/s", ("down x4", "MiB/s"), True),
     ("latency p50 ms", ("latency ms", "p50"), False),
     ("latency p99 ms", ("latency ms", "p99"), False),
+    ("loaded p50 ms", ("latency loaded ms", "p50"), False),
+    ("loaded p99 ms", ("latency loaded ms", "p99"), False),
     ("connections/s", ("connections", "per s"), True),
     ("UDP loss % @100M", ("udp", "loss %"), False),
     ("DNS cluster p50 ms", ("dns cluster ms", "p50"), False),
@@ -50,15 +61,17 @@ def render_table(results: dict[str, Any]) -> str:
         return f"{value / base:.2f}" if value is not None and base else "-"
 
     header = (
-        f"{'':<20}" + "".join(f"{p:>20}" for p in PATHS) + "".join(f"{h:>8}" for h, _, _ in RATIOS)
+        f"{'':<20}"
+        + "".join(f"{SHORT[p]:>11}" for p in PATHS)
+        + "".join(f"{h:>9}" for h, _, _ in RATIOS)
     )
     lines = [header]
     for label, keys, _ in ROWS:
         values = {p: _get(results.get(p, {}), *keys) for p in PATHS}
         lines.append(
             f"{label:<20}"
-            + "".join(f"{cell(values[p]):>20}" for p in PATHS)
-            + "".join(f"{ratio(values[a], values[b]):>8}" for _, a, b in RATIOS)
+            + "".join(f"{cell(values[p]):>11}" for p in PATHS)
+            + "".join(f"{ratio(values[a], values[b]):>9}" for _, a, b in RATIOS)
         )
     lines.append("")
     lines.append("CPU seconds per GiB moved (down):")
@@ -67,9 +80,21 @@ def render_table(results: dict[str, Any]) -> str:
         if cpu:
             parts = ", ".join(f"{name} {value:.2f}" for name, value in sorted(cpu.items()))
             lines.append(f"  {path:<20}{parts}  (total {sum(cpu.values()):.2f})")
+    failed = [
+        f"  {path} {probe}: {value['error']}"
+        for path in PATHS
+        for round_ in results.get("rounds", {}).get(path, [])
+        for probe, value in round_.items()
+        if isinstance(value, dict) and "error" in value
+    ]
+    if failed:
+        lines += ["", "Probes that failed (a round each):", *failed]
     lines.append("")
     lines.append("laptop DNS: before connecting in port-forward's column, connected in ours")
-    lines.append("tp: telepresence over port-forward; tpD: over the direct transport")
+    lines.append(
+        "tp: telepresence over port-forward; tpD: over the direct transport;"
+        " Tel2: Telepresence 2 (bench/telepresence2.py)"
+    )
     return "\n".join(lines)
 
 
@@ -109,19 +134,20 @@ def render_chart(results: dict[str, Any], path: Path) -> None:
     # Headroom above the tallest bar, so the legend covers none.
     bulk.set_ylim(top=bulk.get_ylim()[1] * 1.35)
     bulk.legend(fontsize=7, ncol=2, loc="upper left")
+    quantiles = [("latency ms", "p50"), ("latency ms", "p99"), ("latency loaded ms", "p50")]
     for i, name in enumerate(PATHS):
-        values = [_get(results.get(name, {}), "latency ms", q) or 0 for q in ("p50", "p99")]
-        latency.bar([g + offset(i) for g in range(2)], values, width, label=name)
-    latency.set_xticks(range(2), ["p50", "p99"])
+        values = [_get(results.get(name, {}), *keys) or 0 for keys in quantiles]
+        latency.bar([g + offset(i) for g in range(len(quantiles))], values, width, label=name)
+    latency.set_xticks(range(len(quantiles)), ["p50", "p99", "p50 beside\na download"])
+    # Log scale: a shared connection's delay beside a download can be 100 times the rest.
+    latency.set_yscale("log")
     latency.set_ylabel("ms, fresh connection per request")
     latency.set_title("HTTP request latency")
     names = sorted({k for p in PATHS for k in (results.get(p, {}).get("cpu s/GiB") or {})})
     bottoms = [0.0] * len(PATHS)
     for process in names:
         values = [(results.get(p, {}).get("cpu s/GiB") or {}).get(process, 0.0) for p in PATHS]
-        cpu.bar(
-            [p.replace("telepresence", "tp") for p in PATHS], values, bottom=bottoms, label=process
-        )
+        cpu.bar([SHORT[p] for p in PATHS], values, bottom=bottoms, label=process)
         bottoms = [b + v for b, v in zip(bottoms, values, strict=True)]
     cpu.set_ylabel("CPU seconds per GiB")
     cpu.set_title("CPU per GiB downloaded")

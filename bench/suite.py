@@ -5,17 +5,20 @@
 Paths (bench/contenders.py): `direct` from a pod's network, no tunnel; `port-forward`,
 `kubectl port-forward` in the laptop; `telepresence`, connected over port-forward (the
 node's NodePorts closed to the laptop); `telepresence-direct`, connected over the direct
-transport (NodePorts open, `devcluster nodeports`). Each round visits every path in a
+transport (NodePorts open, `devcluster nodeports`); `telepresence2`, Telepresence 2 built
+from the Go module proxy and connected to its own manager (bench/telepresence2.py; the
+first run builds it, several minutes). Each round visits every path in a
 rotated order (BENCH.md: alternate, then take medians). Per path:
 
   up, down, down x4   iperf3 MiB/s, laptop to pod, pod to laptop, pod to laptop on 4 flows
   latency p50/p99     ms per HTTP request on a fresh connection
+  loaded p50/p99      the same while one download runs beside it (head-of-line delay)
   connections/s       fresh connections, one echo each, 16 workers
   UDP loss            iperf3 -u at 100 Mbit/s, laptop to pod (not through port-forward)
   DNS p50/p99         a cluster name where the path resolves one; the laptop's own name
                       before connecting and while connected
   CPU s/GiB           user+system seconds per GiB moved during `down`, per process
-  connect/quit s      telepresence only, the manager already installed
+  connect/quit s      telepresence and Telepresence 2, their managers already installed
 
 Output: a table with ratios to port-forward and to direct, the JSON (`--json`), and a chart
 (`--chart`, docs/bench.png by default) that the README shows. Run as root, devcluster up,
@@ -34,7 +37,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench import probes
+from bench import probes, telepresence2
 from bench.chart import render_ab, render_chart, render_table
 from bench.contenders import (
     ECHO,
@@ -47,6 +50,7 @@ from bench.contenders import (
     in_laptop,
     kubectl,
 )
+from bench.telepresence2 import Telepresence2
 from devcluster.fixtures import deployment, to_yaml
 from devcluster.images import HTTP_IMAGE, TCP_ECHO_IMAGE
 from devcluster.node import pod_app_pids
@@ -161,6 +165,18 @@ def measure(
             lambda: probes.latency(run, scripts["latency"], contender.host, ports[HTTP], requests),
         )
         probe(
+            "latency loaded ms",
+            lambda: probes.latency_under_load(
+                run,
+                scripts["latency"],
+                contender.host,
+                http=ports[HTTP],
+                iperf=ports[IPERF],
+                requests=requests,
+                seconds=seconds + 3,
+            ),
+        )
+        probe(
             "connections",
             lambda: probes.connection_rate(
                 run, scripts["load"], contender.host, ports[ECHO], seconds
@@ -222,6 +238,7 @@ def main() -> None:
         PortForward("port-forward", namespace=NS, pod=pod),
         Telepresence("telepresence", cluster_ip=cluster_ip),
         Telepresence("telepresence-direct", cluster_ip=cluster_ip, transport="direct"),
+        Telepresence2("telepresence2", cluster_ip=cluster_ip),
     ]
     if args.event_loops:
         contenders += [
@@ -237,7 +254,10 @@ def main() -> None:
         wanted = set(args.only.split(","))
         contenders = [c for c in contenders if c.name in wanted]
     rounds: dict[str, list[dict[str, Any]]] = {c.name: [] for c in contenders}
+    with_tel2 = any(isinstance(c, Telepresence2) for c in contenders)
     try:
+        if with_tel2:
+            telepresence2.install()
         for index in range(args.rounds):
             order = contenders[index % len(contenders) :] + contenders[: index % len(contenders)]
             for contender in order:
@@ -248,6 +268,8 @@ def main() -> None:
     finally:
         server.terminate()
         in_laptop("telepresence", "quit", check=False)
+        if with_tel2:
+            telepresence2.uninstall()
     results = {name: median_of(r) for name, r in rounds.items()}
     results["rounds"] = rounds
     print(render_table(results))

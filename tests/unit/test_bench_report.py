@@ -24,13 +24,26 @@ def test_the_table_gives_ratios_to_port_forward_and_direct() -> None:
         "port-forward": {"down": {"MiB/s": 200.0}},
         "telepresence": {"down": {"MiB/s": 300.0}, "connect s": 0.5},
         "telepresence-direct": {"down": {"MiB/s": 800.0}, "connect s": 0.6},
+        "telepresence2": {"down": {"MiB/s": 100.0}, "connect s": 4.0},
     }
     table = render_table(results)
     down = next(line for line in table.splitlines() if line.startswith("down MiB/s"))
-    # tp/pf, tp/dir, tpD/pf, tpD/dir
-    assert down.split()[-4:] == ["1.50", "0.30", "4.00", "0.80"]
+    # tp/pf, tp/Tel2, tpD/pf, tpD/dir, Tel2/pf
+    assert down.split()[-5:] == ["1.50", "3.00", "4.00", "0.80", "0.50"]
     connect = next(line for line in table.splitlines() if line.startswith("connect s"))
-    assert connect.split()[-6:] == ["0.50", "0.60", "-", "-", "-", "-"]
+    assert connect.split()[-8:] == ["0.50", "0.60", "4.00", "-", "0.12", "-", "-", "-"]
+
+
+def test_failed_probes_are_listed_by_path_and_round() -> None:
+    failure = {"error": "target.bench-suite after 33 lookups: [Errno -2] Name or service not known"}
+    results = {
+        "telepresence2": {"connect s": 4.0},
+        "rounds": {
+            "telepresence2": [{"dns cluster ms": failure}, {"dns cluster ms": {"p50": 1.0}}]
+        },
+    }
+    table = render_table(results)
+    assert f"  telepresence2 dns cluster ms: {failure['error']}" in table.splitlines()
 
 
 def test_cpu_is_divided_by_the_gibibytes_moved() -> None:

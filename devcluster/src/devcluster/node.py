@@ -241,6 +241,12 @@ def image_digests(settings: Settings) -> dict[str, str]:
     return digests
 
 
+def import_archive(settings: Settings, archive: Path) -> None:
+    """Imports one image archive that devcluster itself does not build (the benchmark's
+    Telepresence 2 manager); the next `up` removes it again, as a name it does not build."""
+    _ctr(settings, "images", "import", str(archive))
+
+
 def import_images(settings: Settings, archives: dict[str, Path]) -> list[str]:
     """Imports (and unpacks) every archive whose image containerd lacks or holds at another
     digest, so a rebuilt image reaches the node without a restart, and removes the names it
