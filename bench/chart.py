@@ -81,14 +81,20 @@ def render_table(results: dict[str, Any]) -> str:
             parts = ", ".join(f"{name} {value:.2f}" for name, value in sorted(cpu.items()))
             lines.append(f"  {path:<20}{parts}  (total {sum(cpu.values()):.2f})")
     failed = [
-        f"  {path} {probe}: {value['error']}"
+        f"  {path} {line}"
         for path in PATHS
         for round_ in results.get("rounds", {}).get(path, [])
-        for probe, value in round_.items()
-        if isinstance(value, dict) and "error" in value
+        for line in [
+            *round_.get("failed", []),
+            *(
+                f"{probe}: {value['error']} (gave up)"
+                for probe, value in round_.items()
+                if isinstance(value, dict) and "error" in value
+            ),
+        ]
     ]
     if failed:
-        lines += ["", "Probes that failed (a round each):", *failed]
+        lines += ["", "Probe failures (one try each; retried unless it says it gave up):", *failed]
     lines.append("")
     lines.append("laptop DNS: before connecting in port-forward's column, connected in ours")
     lines.append(

@@ -35,15 +35,21 @@ def test_the_table_gives_ratios_to_port_forward_and_direct() -> None:
 
 
 def test_failed_probes_are_listed_by_path_and_round() -> None:
-    failure = {"error": "target.bench-suite after 33 lookups: [Errno -2] Name or service not known"}
-    results = {
-        "telepresence2": {"connect s": 4.0},
-        "rounds": {
-            "telepresence2": [{"dns cluster ms": failure}, {"dns cluster ms": {"p50": 1.0}}]
-        },
-    }
-    table = render_table(results)
-    assert f"  telepresence2 dns cluster ms: {failure['error']}" in table.splitlines()
+    gave_up = {"error": "target.bench-suite after 33 lookups: [Errno -2] Name or service not known"}
+    rounds = [
+        {"dns cluster ms": gave_up},
+        {"dns cluster ms": {"p50": 1.0}, "failed": ["down: the server is busy"]},
+    ]
+    table = render_table({"telepresence2": median_of(rounds), "rounds": {"telepresence2": rounds}})
+    lines = table.splitlines()
+    assert f"  telepresence2 dns cluster ms: {gave_up['error']} (gave up)" in lines
+    assert "  telepresence2 down: the server is busy" in lines
+
+
+def test_a_round_that_failed_does_not_hide_the_others() -> None:
+    rounds = [{"down": {"error": "busy"}}, {"down": {"MiB/s": 2.0}}, {"down": {"MiB/s": 4.0}}]
+    assert median_of(rounds) == {"down": {"MiB/s": 3.0}}
+    assert median_of([{"down": {"error": "busy"}}]) == {"down": {"error": "busy"}}
 
 
 def test_cpu_is_divided_by_the_gibibytes_moved() -> None:
