@@ -86,6 +86,19 @@ def wait_for(
         time.sleep(interval)
 
 
+#: `ps` options for `running_processes`: pid, state and command line, no header.
+PS_PROCESSES = ("-o", "pid=,stat=,args=")
+
+
+def running_processes(ps_output: str) -> str:
+    """`ps -u USER` lines (PS_PROCESSES) without zombies: a process that has exited and
+    waits for PID 1 to reap it holds nothing, and some inits (this machine's) reap orphans
+    only seconds later."""
+    return "\n".join(
+        line for line in ps_output.splitlines() if line.split()[1:2] and line.split()[1][0] != "Z"
+    )
+
+
 @dataclass
 class Cluster:
     settings: Settings = field(default_factory=Settings)

@@ -15,7 +15,7 @@ import pytest
 
 from devcluster.fixtures import http_app_manifest
 from devcluster.images.http import pattern_bytes
-from tests.e2e.cluster import Cluster, wait_for
+from tests.e2e.cluster import PS_PROCESSES, Cluster, running_processes, wait_for
 
 TITLE = "Welcome to the EdgyCorp WebApp"
 VENV_PYTHON = "/opt/telepresence-dev/venv/bin/python"
@@ -42,7 +42,7 @@ def laptop_state(cluster: Cluster) -> dict[str, str]:
             "sysctl", "net.ipv4.ip_forward", "net.ipv4.conf.all.route_localnet"
         ),
         "listening": listening,
-        "processes": root("pgrep", "-a", "-u", "tpuser"),
+        "processes": running_processes(root("ps", "-u", "tpuser", *PS_PROCESSES)),
         "resolv.conf": root("cat", "/etc/resolv.conf"),
         "nsswitch.conf": root("cat", "/etc/nsswitch.conf"),
         # systemd-resolved's links and their DNS (empty where resolved does not run).

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from devcluster.procs import command_lines
 from devcluster.settings import LAPTOP_USER, Settings
-from tests.e2e.cluster import Cluster
+from tests.e2e.cluster import PS_PROCESSES, Cluster, running_processes
 
 
 def _host_state() -> dict[str, str]:
@@ -24,7 +24,7 @@ def _host_state() -> dict[str, str]:
             for line in Path("/proc/self/mountinfo").read_text().splitlines()
             if "netns" in line or "devcluster" in line or "secrets" in line
         ),
-        "laptop user processes": sh("pgrep", "-u", LAPTOP_USER, "-a"),
+        "laptop user processes": running_processes(sh("ps", "-u", LAPTOP_USER, *PS_PROCESSES)),
         # The node's cgroups (containers are found through them) and its disk.
         "cgroups": "\n".join(sorted(str(p) for p in Path("/sys/fs/cgroup").glob("*/devcluster"))),
         "node dir": str(Settings().paths.node.exists()),
