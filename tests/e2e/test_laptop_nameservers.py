@@ -4,6 +4,7 @@ Wi-Fi change) followed within a second, leaving nothing pointed at the old serve
 
 from __future__ import annotations
 
+import json
 import subprocess
 import time
 from collections.abc import Iterator
@@ -115,3 +116,44 @@ def test_failover_and_a_rewritten_resolv_conf_are_followed(
     assert "telepresence" not in ruleset and SECOND not in ruleset
     # Disconnected, the laptop asks its resolver directly.
     assert _whoami(cluster) == THIRD
+
+
+#: In the laptop: N rounds of a lookup of the laptop's own name and one of a cluster name,
+#: each from a new random source port as glibc makes them; prints the failures of each.
+_LOOKUPS = """
+import json, socket, sys
+failed = {"laptop": 0, "cluster": 0}
+for _ in range(int(sys.argv[1])):
+    for kind, name in (("laptop", "www.example.test"), ("cluster", "verylargejavaservice.default")):
+        try:
+            socket.getaddrinfo(name, 80, socket.AF_INET, socket.SOCK_STREAM)
+        except socket.gaierror:
+            failed[kind] += 1
+print(json.dumps(failed))
+"""
+
+
+def _failed_lookups(cluster: Cluster, rounds: int) -> dict[str, int]:
+    out = cluster.laptop("python3", "-c", _LOOKUPS, str(rounds), timeout=180).stdout
+    return dict(json.loads(out))
+
+
+def test_no_lookup_takes_another_s_conntrack_entry(cluster: Cluster) -> None:
+    """conntrack knows a connection by addresses and ports, and keeps each DNS exchange's
+    entry, with its NAT decision, for 30-120 s. Within a session, a query reusing the
+    source port of one of the daemon's own forwarded queries would take that entry's "no
+    redirect" and miss the cluster (one cluster lookup in five failed here that way); after
+    quit, a query reusing a redirected query's port would go to the ended session's DNS
+    port (32 in 1,000 after a reconnect). Redirected queries have a conntrack zone of their
+    own, and quit forgets their entries."""
+    quit_(cluster)
+    before = laptop_state(cluster)
+    connect(cluster)
+    try:
+        assert _failed_lookups(cluster, 3000) == {"laptop": 0, "cluster": 0}
+        quit_(cluster)
+        connect(cluster)
+        assert _failed_lookups(cluster, 1000) == {"laptop": 0, "cluster": 0}
+    finally:
+        quit_(cluster)
+    assert laptop_state(cluster) == before

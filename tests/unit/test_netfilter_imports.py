@@ -31,7 +31,7 @@ def test_the_helper_entry_module_imports_nothing_it_does_not_need() -> None:
         *(
             f"telepresence.netfilter.{m}"
             for m in (
-                "dnspolicy", "dnsstate", "fdpass", "helper", "journal", "nftables",
+                "conntrack", "dnspolicy", "dnsstate", "fdpass", "helper", "journal", "nftables",
                 "policy", "protocol", "resolvconf", "resolved", "routes", "routestate",
                 "state", "subnets", "tun",
             )

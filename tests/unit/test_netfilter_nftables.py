@@ -17,6 +17,8 @@ from telepresence.netfilter.nftables import (
     validate_table_name,
 )
 
+#: What every redirect rule says before its port: the connection is marked, then redirected.
+REDIRECT = "ct mark set ct mark or 0x00007e1e redirect to"
 CONFIG = TableConfig(
     name="telepresence",
     mark=0x7E1E,
@@ -47,15 +49,41 @@ def test_marked_packets_return_before_any_redirect() -> None:
 def test_dns_to_the_nameservers_is_redirected_over_udp_and_tcp() -> None:
     text = render_create(CONFIG)
     assert "elements = { 198.51.100.53 }" in text
-    assert "ip daddr @dns_servers udp dport 53 redirect to :1053" in text
-    assert "ip daddr @dns_servers tcp dport 53 redirect to :1053" in text
+    assert f"ip daddr @dns_servers udp dport 53 {REDIRECT} :1053" in text
+    assert f"ip daddr @dns_servers tcp dport 53 {REDIRECT} :1053" in text
+
+
+def _rules(text: str, chain: str) -> list[str]:
+    body = text.split(f"chain {chain} {{", 1)[1].split("\n\t}", 1)[0]
+    return [line.strip() for line in body.splitlines() if line.strip()]
+
+
+def test_redirected_queries_and_their_answers_have_a_conntrack_zone_of_their_own() -> None:
+    """Set before conntrack (raw priority) on both directions: the query to a nameserver
+    and the daemon's answer from 127.0.0.1; the daemon's own marked queries stay out."""
+    assert _rules(render_create(CONFIG), "dns_zone") == [
+        "type filter hook output priority -300; policy accept;",
+        "meta mark 0x00007e1e return",
+        "ip daddr @dns_servers meta l4proto { tcp, udp } th dport 53 ct zone set 4212",
+        "ip saddr 127.0.0.1 meta l4proto { tcp, udp } th sport 1053 ct zone set 4212",
+    ]
+    assert _rules(render_create(RESOLVED_MODE), "dns_zone")[-1] == (
+        "ip daddr 198.18.255.253 tcp dport 53 ct zone set 4212"
+    )
+
+
+def test_every_redirect_marks_its_connection_for_teardown() -> None:
+    text = render_create(RESOLVED_MODE)
+    redirects = [r for c in ("dns", "proxy") for r in _rules(text, c) if "redirect" in r]
+    assert len(redirects) == 5  # udp and tcp to the set, tcp to the link address, proxy x2
+    assert all("ct mark set ct mark or 0x00007e1e redirect to" in r for r in redirects)
 
 
 def test_only_tcp_to_routed_addresses_goes_to_the_proxy() -> None:
     text = render_create(CONFIG)
     assert "elements = { 10.96.0.0/16, 10.244.0.0/16 }" in text
-    assert "ip daddr @routed meta l4proto tcp redirect to :1234" in text
-    assert "ip daddr @hosts meta l4proto tcp redirect to :1234" in text
+    assert f"ip daddr @routed meta l4proto tcp {REDIRECT} :1234" in text
+    assert f"ip daddr @hosts meta l4proto tcp {REDIRECT} :1234" in text
     assert "udp" not in text.split("chain proxy", 1)[1]
 
 
@@ -121,7 +149,7 @@ def test_resolved_mode_sends_tcp_to_the_link_dns_address_to_the_daemon() -> None
     body = text.split("chain dns {", 1)[1].split("}", 1)[0]
     rules = [line.strip() for line in body.splitlines() if line.strip()]
     assert rules[1] == "meta mark 0x00007e1e return"
-    assert rules[-1] == "ip daddr 198.18.255.253 tcp dport 53 redirect to :1053"
+    assert rules[-1] == f"ip daddr 198.18.255.253 tcp dport 53 {REDIRECT} :1053"
     assert "198.18.255.253 udp" not in text
     assert "elements" not in text.split("set dns_servers {", 1)[1].split("}", 1)[0]
     assert "198.18.255.253" not in render_create(CONFIG)

@@ -11,8 +11,13 @@ from typing import Any
 
 import pytest
 
-from telepresence.netfilter import routes, tun
-from telepresence.netfilter.journal import Journal, ResolvedLinkEntry, current_identity
+from telepresence.netfilter import conntrack, policy, routes, tun
+from telepresence.netfilter.journal import (
+    Journal,
+    NftTableEntry,
+    ResolvedLinkEntry,
+    current_identity,
+)
 from telepresence.netfilter.protocol import (
     AddHostRoutes,
     Error,
@@ -54,6 +59,8 @@ class Laptop:
         for name in ("delete_routes", "delete_link", "routes_on"):
             monkeypatch.setattr(routes, name, getattr(self, name))
         monkeypatch.setattr(tun, "open_tun", self.open_tun)
+        monkeypatch.setattr(conntrack, "forget_marked", self.forget_marked)
+        self.table_present = True
 
     def _maybe_fail(self, what: str) -> None:
         if what in self.fail:
@@ -102,7 +109,11 @@ class Laptop:
         return ""
 
     def table_exists(self, name: str) -> bool:
-        return True
+        return self.table_present
+
+    # conntrack
+    def forget_marked(self, mark: int) -> None:
+        self.events.append(("forget", mark))
 
     # resolved
     def running(self) -> bool:
@@ -170,7 +181,10 @@ def test_setup_hands_the_tun_link_to_resolved(laptop: Laptop, tmp_path: Path) ->
     assert kinds == ["tun", "address", "add routes", "nft", "configure"]
     assert laptop.events[2] == ("add routes", "10.96.0.0/16", "198.18.255.253/32")
     table = laptop.events[3][1]
-    assert "ip daddr 198.18.255.253 tcp dport 53 redirect to :1053" in table
+    assert (
+        "ip daddr 198.18.255.253 tcp dport 53 ct mark set ct mark or 0x00001074 redirect to :1053"
+        in table
+    )
     assert "dns_servers {\n\t\ttype ipv4_addr\n\t}" in table  # no nameserver redirected
     assert laptop.events[4] == ("configure", IFINDEX, "198.18.255.253", True)
     assert ResolvedLinkEntry(name="tel0", ifindex=IFINDEX) in laptop.journal.entries
@@ -224,8 +238,10 @@ def test_teardown_reverts_resolved_first(laptop: Laptop, tmp_path: Path) -> None
     laptop.events.clear()
     assert state.handle(Teardown()) == (Ok(), [])
     kinds = [event[0] for event in laptop.events]
-    assert kinds == ["revert", "nft", "delete routes", "delete link"]
+    assert kinds == ["revert", "nft", "forget", "delete routes", "delete link"]
     assert laptop.events[1] == ("nft", "delete table ip telepresence\n")
+    # Once no rule redirects any more: the NAT decisions already made go too.
+    assert laptop.events[2] == ("forget", policy.MARK)
     assert laptop.journal.entries == [] and not laptop.journal.path.exists()
 
 
@@ -257,7 +273,7 @@ def test_a_setup_that_resolved_refuses_is_rolled_back(laptop: Laptop, tmp_path: 
     )
     assert response == Error(message="systemd-resolved refused SetLinkDNS: denied") and fds == []
     kinds = [event[0] for event in laptop.events]
-    assert kinds[-4:] == ["revert", "nft", "delete routes", "delete link"]
+    assert kinds[-5:] == ["revert", "nft", "forget", "delete routes", "delete link"]
     assert laptop.journal.entries == [] and laptop.routes == set()
 
 
@@ -285,3 +301,17 @@ def test_a_dead_helper_s_settings_are_reverted_only_on_its_own_link(laptop: Lapt
     laptop.link = routes.Link(name="tel0", ifindex=IFINDEX, kind="tun")
     assert undo_entry(nft, entry, resolved=laptop)
     assert laptop.events == [("revert", IFINDEX)]
+
+
+def test_a_dead_helper_s_redirects_are_forgotten_unless_a_live_one_owns_the_table(
+    laptop: Laptop,
+) -> None:
+    nft: Any = laptop
+    entry = NftTableEntry(name="telepresence")
+    laptop.table_present = True  # the kernel refused the delete: another live helper's
+    undo_entry(nft, entry, resolved=laptop)
+    assert [e[0] for e in laptop.events] == ["nft"]
+    laptop.events.clear()
+    laptop.table_present = False  # gone with its helper (kill -9), or deleted now
+    undo_entry(nft, entry, resolved=laptop)
+    assert laptop.events == [("nft", "delete table ip telepresence\n"), ("forget", policy.MARK)]

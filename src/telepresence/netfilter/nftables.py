@@ -16,11 +16,26 @@ Layout (family ``ip``; the helper handles IPv4 only)::
     set dns_servers the laptop's nameservers; always present (maybe empty), so a
                    resolv.conf change is one set flush + add (render_nameservers)
     chain dns      nat/output -100: mark -> return; udp+tcp :53 to dns_servers
-                   -> redirect to the daemon's DNS server; in DNS mode "resolved"
+                   -> ct mark, redirect to the daemon's DNS server; in DNS mode "resolved"
                    also tcp :53 to the link's DNS address (resolved's TCP
                    fallback; its UDP goes to the TUN, where the daemon answers)
     chain proxy    nat/output -100: mark -> return; tcp to @routed/@hosts
-                   -> redirect to the daemon's transparent proxy
+                   -> ct mark, redirect to the daemon's transparent proxy
+
+    chain dns_zone filter/output -300: mark -> return; to dns_servers :53, and the
+                   daemon's DNS server's answers -> conntrack zone DNS_ZONE
+
+Every redirect also ors the helper's mark into the connection's ct mark, so that
+teardown forgets those connections' NAT decisions (:mod:`.conntrack`).
+
+Why a zone: conntrack knows a connection by its addresses and ports, and glibc and the
+daemon's upstream sockets take their source ports from the same range. A query whose
+port a recent exchange of the daemon with the same nameserver used (kept 30-120 s) would
+match that exchange's entry, whose decision was "no redirect", and reach the laptop's
+nameserver instead of the daemon: a cluster name would fail, for one lookup in five
+while the daemon forwarded thousands of queries. Redirected queries live in a zone of
+their own, so neither kind of entry can be taken for the other. Only the laptop's own
+queries (output hook) are zoned: a container's, forwarded and masqueraded, are not ours.
 
 UDP to routed subnets is not NATed: the route takes it to the TUN, where the
 daemon reads it.  The rendering functions are pure and unit-tested; the
@@ -54,6 +69,10 @@ DNS_SET = "dns_servers"
 #: Before the usual nat priority (100 for srcnat, -100 dstnat); same as dstnat,
 #: so the redirect happens before anything a user configured at a later priority.
 PRIORITY = -100
+#: Before conntrack (-200), where a packet's conntrack zone can still be chosen.
+RAW_PRIORITY = -300
+#: The conntrack zone of redirected DNS queries: 0x1074, the helper's mark.
+DNS_ZONE = 4212
 
 
 class NftError(Exception):
@@ -108,6 +127,9 @@ def render_create(config: TableConfig) -> str:
     """
     name = validate_table_name(config.name)
     mark = f"meta mark 0x{config.mark:08x} return"
+    # The connection keeps the mark, so teardown can forget exactly these NAT decisions
+    # (conntrack.py); or-ed in, so a ct mark someone else set survives.
+    redirect = f"ct mark set ct mark or 0x{config.mark:08x} redirect to"
     lines = [
         f"create table ip {name} {{ flags owner; }}",
         f"table ip {name} {{",
@@ -118,22 +140,36 @@ def render_create(config: TableConfig) -> str:
     # Even with no nameserver yet: one may appear in resolv.conf later, and then only
     # the set's elements change (an empty set matches nothing).
     lines += _set(DNS_SET, config.dns_servers, interval=False)
+    # Every packet of a redirected query, both ways, in its own conntrack zone (as the
+    # module docstring says why); before conntrack, so at raw priority.
+    dns_port = config.dns_port
+    lines += [
+        "\tchain dns_zone {",
+        f"\t\ttype filter hook output priority {RAW_PRIORITY}; policy accept;",
+        f"\t\t{mark}",
+        f"\t\tip daddr @{DNS_SET} meta l4proto {{ tcp, udp }} th dport 53 ct zone set {DNS_ZONE}",
+        f"\t\tip saddr 127.0.0.1 meta l4proto {{ tcp, udp }} th sport {dns_port} "
+        f"ct zone set {DNS_ZONE}",
+    ]
+    if config.link_dns is not None:
+        lines.append(f"\t\tip daddr {config.link_dns} tcp dport 53 ct zone set {DNS_ZONE}")
+    lines.append("\t}")
     lines += [
         "\tchain dns {",
         f"\t\ttype nat hook output priority {PRIORITY}; policy accept;",
         f"\t\t{mark}",
-        f"\t\tip daddr @{DNS_SET} udp dport 53 redirect to :{config.dns_port}",
-        f"\t\tip daddr @{DNS_SET} tcp dport 53 redirect to :{config.dns_port}",
+        f"\t\tip daddr @{DNS_SET} udp dport 53 {redirect} :{config.dns_port}",
+        f"\t\tip daddr @{DNS_SET} tcp dport 53 {redirect} :{config.dns_port}",
     ]
     if config.link_dns is not None:
-        lines.append(f"\t\tip daddr {config.link_dns} tcp dport 53 redirect to :{config.dns_port}")
+        lines.append(f"\t\tip daddr {config.link_dns} tcp dport 53 {redirect} :{config.dns_port}")
     lines.append("\t}")
     lines += [
         "\tchain proxy {",
         f"\t\ttype nat hook output priority {PRIORITY}; policy accept;",
         f"\t\t{mark}",
-        f"\t\tip daddr @{ROUTED_SET} meta l4proto tcp redirect to :{config.proxy_port}",
-        f"\t\tip daddr @{HOSTS_SET} meta l4proto tcp redirect to :{config.proxy_port}",
+        f"\t\tip daddr @{ROUTED_SET} meta l4proto tcp {redirect} :{config.proxy_port}",
+        f"\t\tip daddr @{HOSTS_SET} meta l4proto tcp {redirect} :{config.proxy_port}",
         "\t}",
         "}",
     ]

@@ -19,7 +19,7 @@ import socket
 from ipaddress import IPv4Network
 from pathlib import Path
 
-from telepresence.netfilter import nftables, policy, routes, tun
+from telepresence.netfilter import conntrack, nftables, policy, routes, tun
 from telepresence.netfilter.dnsstate import DnsApplied, HelperDns, undo_resolved_link
 from telepresence.netfilter.journal import (
     Entry,
@@ -295,6 +295,7 @@ class NetworkState:
         if applied.table is not None:
             try:
                 _delete_table(self._nft, applied.table)
+                _forget_redirected(applied.plan.table.mark)
                 self._journal.forget(applied.table)
             except Exception as e:
                 failures.append(f"nftables table {applied.table.name}: {e}")
@@ -337,6 +338,12 @@ def _delete_table(nft: Nft, entry: NftTableEntry) -> bool:
     return True
 
 
+def _forget_redirected(mark: int) -> None:
+    """After the table is gone: the NAT decisions its rules made, kept in conntrack
+    entries, would still steer reused source ports to a dead port (:mod:`.conntrack`)."""
+    conntrack.forget_marked(mark)
+
+
 def upstream_socket(*, kind: str, family: int, mark: int = policy.MARK) -> int:
     """A new UDP or TCP socket, IPv4 or IPv6, with the helper's fixed mark; the
     caller owns the descriptor.
@@ -363,7 +370,12 @@ def undo_entry(nft: Nft, entry: Entry, *, resolved: ResolvedLinks | None = None)
     if isinstance(entry, ResolvedLinkEntry):
         return undo_resolved_link(entry, resolved if resolved is not None else Resolved())
     if isinstance(entry, NftTableEntry):
-        return _delete_table(nft, entry)
+        deleted = _delete_table(nft, entry)
+        # Also when the table vanished with its helper (kill -9): its connections did
+        # not. Not while another live helper owns a table of that name: they are its.
+        if not nft.table_exists(entry.name):
+            _forget_redirected(policy.MARK)
+        return deleted
     if isinstance(entry, RouteEntry):
         network = IPv4Network(entry.network)
         return routes.delete_routes(device=entry.device, ifindex=entry.ifindex, networks=[network])
