@@ -44,6 +44,7 @@ from telepresence.daemon.linkdomains import (
     resolved_upstreams,
     split_applied,
 )
+from telepresence.daemon.socketstock import SocketStock
 from telepresence.daemon.udp import LocalDns
 from telepresence.netfilter.client import HelperError, Nameservers, SetupResult
 from telepresence.netfilter.resolvconf import RESOLV_CONF, ResolvConf, read_resolv_conf
@@ -101,13 +102,15 @@ class SessionDns:
     ) -> None:
         self._rules = rules
         self.settings = settings
+        #: The helper's marked sockets, a few made ahead (:mod:`.socketstock`).
+        self.sockets = SocketStock(upstream_socket)
         #: Built now (nothing bound): it listens from :meth:`start`.
         self.server = DnsServer(
             rules=rules,
             cluster_subnets=cluster_subnets,
             cluster_lookup=cluster_lookup,
             upstreams=(),
-            upstream_socket=upstream_socket,
+            upstream_socket=self.sockets.take,
             on_cluster_answer=on_cluster_answer,
             observer=observer,
             settings=settings,
@@ -284,6 +287,7 @@ class SessionDns:
 
     async def close(self) -> None:
         await self.server.close()
+        await self.sockets.close()
 
     # --- inside ----------------------------------------------------------------------
 
