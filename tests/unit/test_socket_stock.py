@@ -37,9 +37,14 @@ class Helper:
         return cast(socket.socket, sock)
 
 
+def _refills() -> list[asyncio.Task[Any]]:
+    return [t for t in asyncio.all_tasks() if t.get_name() == "dns-socket-stock"]
+
+
 async def _settle() -> None:
-    for _ in range(50):
-        await asyncio.sleep(0)
+    """Until the background refill, if one runs, has finished (with a deadline)."""
+    for task in _refills():
+        await asyncio.wait_for(asyncio.shield(task), timeout=5)
 
 
 def test_the_first_query_asks_the_helper_and_the_next_take_from_the_stock() -> None:
@@ -53,7 +58,7 @@ def test_the_first_query_asks_the_helper_and_the_next_take_from_the_stock() -> N
         helper.gate.clear()  # from now on the helper would make the query wait
         second: Any = await stock.take("udp")
         assert second in helper.made and second is not first
-        assert len(stock) == 2
+        assert len(stock) == 2 and _refills()  # the refill waits for the helper
         helper.gate.set()
         await _settle()
         assert len(stock) == 3
@@ -68,7 +73,7 @@ def test_tcp_is_made_on_demand_and_not_stocked() -> None:
         stock = SocketStock(helper.make, size=2)
         sock: Any = await stock.take("tcp")
         assert sock.kind == "tcp" and len(stock) == 0
-        await _settle()
+        assert not _refills()
         assert [s.kind for s in helper.made] == ["tcp"]
         await stock.close()
 
@@ -94,7 +99,7 @@ def test_a_failing_helper_stops_the_refill_and_close_closes_what_is_left() -> No
         helper.fail = False
         made = len(helper.made)
         await stock.take("udp")  # closed: made on demand, nothing stocked any more
-        await _settle()
+        assert not _refills()
         assert len(stock) == 0 and len(helper.made) == made + 1
 
     asyncio.run(main())
