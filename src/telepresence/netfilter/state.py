@@ -295,7 +295,8 @@ class NetworkState:
         if applied.table is not None:
             try:
                 _delete_table(self._nft, applied.table)
-                _forget_redirected(applied.plan.table.mark)
+                # The NAT decisions its rules made live on in conntrack (conntrack.py).
+                conntrack.forget_marked(applied.plan.table.mark)
                 self._journal.forget(applied.table)
             except Exception as e:
                 failures.append(f"nftables table {applied.table.name}: {e}")
@@ -338,12 +339,6 @@ def _delete_table(nft: Nft, entry: NftTableEntry) -> bool:
     return True
 
 
-def _forget_redirected(mark: int) -> None:
-    """After the table is gone: the NAT decisions its rules made, kept in conntrack
-    entries, would still steer reused source ports to a dead port (:mod:`.conntrack`)."""
-    conntrack.forget_marked(mark)
-
-
 def upstream_socket(*, kind: str, family: int, mark: int = policy.MARK) -> int:
     """A new UDP or TCP socket, IPv4 or IPv6, with the helper's fixed mark; the
     caller owns the descriptor.
@@ -374,7 +369,7 @@ def undo_entry(nft: Nft, entry: Entry, *, resolved: ResolvedLinks | None = None)
         # Also when the table vanished with its helper (kill -9): its connections did
         # not. Not while another live helper owns a table of that name: they are its.
         if not nft.table_exists(entry.name):
-            _forget_redirected(policy.MARK)
+            conntrack.forget_marked(policy.MARK)
         return deleted
     if isinstance(entry, RouteEntry):
         network = IPv4Network(entry.network)
