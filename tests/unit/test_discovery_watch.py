@@ -9,7 +9,7 @@ import asyncio
 import contextlib
 import json
 import ssl
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +42,7 @@ from telepresence.manager.discovery import (
     ServiceSource,
 )
 from telepresence.tunnel.messages import ClusterInfo
+from tests.unit.waiting import until
 
 Obj = dict[str, Any]
 END = {"type": "END"}  # test marker: the server ends the watch response here
@@ -259,12 +260,6 @@ class FakeApiServer:
         return response
 
 
-async def eventually(check: Callable[[], bool], *, timeout: float = 5) -> None:
-    async with asyncio.timeout(timeout):
-        while not check():
-            await asyncio.sleep(0.01)
-
-
 def status(code: int, message: str) -> web.Response:
     return web.json_response(
         {"kind": "Status", "status": "Failure", "message": message, "code": code}, status=code
@@ -442,7 +437,7 @@ async def test_discovery_reports_the_first_value_and_then_only_changes(
         # The API server fails: discovery starts over, and the same value is not re-sent.
         server.collections[NODES].append(obj("n2", 3, podCIDRs=["10.244.1.0/24"]))
         server.push(CIDRS_V1, {"type": "ERROR", "object": {"code": 500, "message": "etcd gone"}})
-        await eventually(lambda: server.watch_count(NODES) == 2)
+        await until(lambda: server.watch_count(NODES) == 2, "the second watch of nodes", timeout=5)
         server.push(NODES, {"type": "ADDED", "object": obj("n3", 4, podCIDRs=["10.244.9.0/24"])})
         assert (await next_info(infos)).pod_subnets == ("10.244.0.0/23", "10.244.9.0/24")
         assert infos.empty()

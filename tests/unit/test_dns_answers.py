@@ -36,6 +36,7 @@ from telepresence.daemon.dnsanswers import (
 from telepresence.daemon.dnscache import CachedAnswer
 from telepresence.daemon.dnsrules import Action, NameRules, Reason
 from telepresence.daemon.forwarder import NoUpstreamAnswer
+from tests.unit.waiting import until
 
 A = dns.rdatatype.A
 AAAA = dns.rdatatype.AAAA
@@ -595,9 +596,7 @@ async def test_close_cancels_lookups_in_flight() -> None:
     cluster = FakeCluster({(WEB, A): "hang"})
     resolver = make_resolver(cluster, settings=DnsSettings(cluster_timeout=30))
     pending = asyncio.create_task(resolver.answer(query("web.ns.svc.").to_wire(), tcp=False))
-    async with asyncio.timeout(5):
-        while not cluster.calls:
-            await asyncio.sleep(0)
+    await until(lambda: cluster.calls, "the lookup to reach the cluster", timeout=5)
     lookups = [t for t in asyncio.all_tasks() if t.get_name().startswith("dns-cluster-lookup")]
     assert [t.get_name() for t in lookups] == [f"dns-cluster-lookup {WEB} A"]
     await resolver.close()

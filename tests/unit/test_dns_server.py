@@ -35,6 +35,7 @@ from telepresence.daemon.dns import DnsSettings
 from telepresence.daemon.dnsrules import NameRules
 from telepresence.daemon.dnsserver import DnsServer
 from tests.unit.fakedns import free_port
+from tests.unit.waiting import until
 
 A = dns.rdatatype.A
 AAAA = dns.rdatatype.AAAA
@@ -439,9 +440,7 @@ async def test_close_cancels_queries_and_releases_the_port(upstream: tuple[str, 
     async with serving(upstream) as h:
         port = h.port
         pending = asyncio.create_task(udp(port, dns.message.make_query("slow.ns.svc.", A)))
-        async with asyncio.timeout(3):
-            while (SLOW, A) not in h.cluster.calls:
-                await asyncio.sleep(0.001)
+        await until(lambda: (SLOW, A) in h.cluster.calls, "the slow lookup", timeout=3)
         names = {t.get_name() for t in asyncio.all_tasks()}
         assert any(n.startswith("dns-udp-query-") for n in names)
         assert f"dns-cluster-lookup {SLOW} A" in names

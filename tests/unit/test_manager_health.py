@@ -8,6 +8,7 @@ import asyncio
 import pytest
 
 from telepresence.manager.health import HealthServer, respond, status_for
+from tests.unit.waiting import until
 
 PROBE = (
     b"GET /readyz HTTP/1.1\r\nHost: 10.244.0.5:8082\r\nUser-Agent: kube-probe/1.33\r\n"
@@ -91,8 +92,7 @@ async def test_clients_beyond_the_limit_are_closed_at_once() -> None:
     async with listener:
         _, held = await asyncio.open_connection("127.0.0.1", port)  # sends nothing
         try:
-            while server.clients < 1:
-                await asyncio.sleep(0.01)  # poll interval of a wait with a deadline
+            await until(lambda: server.clients >= 1, "the held client to be counted")
             try:
                 answer = await _ask(port, PROBE)
             except ConnectionResetError:
@@ -100,6 +100,5 @@ async def test_clients_beyond_the_limit_are_closed_at_once() -> None:
             assert answer == b""
         finally:
             held.close()
-        while server.clients:
-            await asyncio.sleep(0.01)
+        await until(lambda: not server.clients, "the closed clients to be forgotten")
         assert (await _ask(port, PROBE)).startswith(b"HTTP/1.1 200 ")

@@ -19,6 +19,7 @@ from telepresence.netfilter.client import Nameservers, SetupResult
 from telepresence.netfilter.dnspolicy import choose_nameservers
 from telepresence.netfilter.resolvconf import read_resolv_conf
 from tests.unit.fakedns import SETTINGS, FakeNameserver, ask, no_cluster, plain_socket
+from tests.unit.waiting import until
 
 
 class FileReadingHelper:
@@ -89,9 +90,7 @@ async def test_a_rewritten_resolv_conf_is_followed_within_a_second(
 
         # A moment without any usable nameserver: the last good list stays.
         rewrite(resolv, "# network changing\nnameserver 2001:db8::1\n")
-        async with asyncio.timeout(2):
-            while helper.refreshes < 2:
-                await asyncio.sleep(0.05)
+        await until(lambda: helper.refreshes >= 2, "the second refresh", timeout=2)
         assert s.nameservers == ["127.0.0.6"]
         assert (await ask(s.server))[0] == "127.0.0.6"
         assert len(old.queries) == asked_old  # nothing went to the old server again

@@ -433,12 +433,8 @@ async def test_a_refused_udp_flow_is_logged_as_a_warning_with_the_reason(
             )
             await loop.sock_sendall(kernel, build(out))
 
-            async def logged() -> logging.LogRecord:
-                while not caplog.records:
-                    await asyncio.sleep(0.01)  # poll interval of a wait with a deadline
-                return caplog.records[0]
-
-            record = await asyncio.wait_for(logged(), 10)
+            await until(lambda: caplog.records, "the refused dial to be logged")
+            record = caplog.records[0]
         assert record.levelno == logging.WARNING
         assert record.getMessage() == (
             "UDP 169.254.169.254:53: the cluster dial failed: refused by the manager's dial "
