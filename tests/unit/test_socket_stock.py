@@ -47,59 +47,50 @@ async def _settle() -> None:
         await asyncio.wait_for(asyncio.shield(task), timeout=5)
 
 
-def test_the_first_query_asks_the_helper_and_the_next_take_from_the_stock() -> None:
-    async def main() -> None:
-        helper = Helper()
-        stock = SocketStock(helper.make, size=3)
-        first: Any = await stock.take("udp")
-        assert helper.made == [first]
-        await _settle()
-        assert len(stock) == 3  # refilled in the background
-        helper.gate.clear()  # from now on the helper would make the query wait
-        second: Any = await stock.take("udp")
-        assert second in helper.made and second is not first
-        assert len(stock) == 2 and _refills()  # the refill waits for the helper
-        helper.gate.set()
-        await _settle()
-        assert len(stock) == 3
-        await stock.close()
-
-    asyncio.run(main())
+async def test_the_first_query_asks_the_helper_and_the_next_take_from_the_stock() -> None:
+    helper = Helper()
+    stock = SocketStock(helper.make, size=3)
+    first: Any = await stock.take("udp")
+    assert helper.made == [first]
+    await _settle()
+    assert len(stock) == 3  # refilled in the background
+    helper.gate.clear()  # from now on the helper would make the query wait
+    second: Any = await stock.take("udp")
+    assert second in helper.made and second is not first
+    assert len(stock) == 2 and _refills()  # the refill waits for the helper
+    helper.gate.set()
+    await _settle()
+    assert len(stock) == 3
+    await stock.close()
 
 
-def test_tcp_is_made_on_demand_and_not_stocked() -> None:
-    async def main() -> None:
-        helper = Helper()
-        stock = SocketStock(helper.make, size=2)
-        sock: Any = await stock.take("tcp")
-        assert sock.kind == "tcp" and len(stock) == 0
-        assert not _refills()
-        assert [s.kind for s in helper.made] == ["tcp"]
-        await stock.close()
-
-    asyncio.run(main())
+async def test_tcp_is_made_on_demand_and_not_stocked() -> None:
+    helper = Helper()
+    stock = SocketStock(helper.make, size=2)
+    sock: Any = await stock.take("tcp")
+    assert sock.kind == "tcp" and len(stock) == 0
+    assert not _refills()
+    assert [s.kind for s in helper.made] == ["tcp"]
+    await stock.close()
 
 
-def test_a_failing_helper_stops_the_refill_and_close_closes_what_is_left() -> None:
-    async def main() -> None:
-        helper = Helper()
-        stock = SocketStock(helper.make, size=2)
-        await stock.take("udp")
-        await _settle()
-        kept = list(helper.made[1:])
-        assert len(kept) == 2
-        helper.fail = True
-        await stock.take("udp")  # from the stock, though the helper is gone
-        await _settle()
-        assert len(stock) == 1
-        with pytest.raises(ConnectionResetError):
-            await stock.take("tcp")
-        await stock.close()
-        assert all(s.closed for s in kept[1:])
-        helper.fail = False
-        made = len(helper.made)
-        await stock.take("udp")  # closed: made on demand, nothing stocked any more
-        assert not _refills()
-        assert len(stock) == 0 and len(helper.made) == made + 1
-
-    asyncio.run(main())
+async def test_a_failing_helper_stops_the_refill_and_close_closes_what_is_left() -> None:
+    helper = Helper()
+    stock = SocketStock(helper.make, size=2)
+    await stock.take("udp")
+    await _settle()
+    kept = list(helper.made[1:])
+    assert len(kept) == 2
+    helper.fail = True
+    await stock.take("udp")  # from the stock, though the helper is gone
+    await _settle()
+    assert len(stock) == 1
+    with pytest.raises(ConnectionResetError):
+        await stock.take("tcp")
+    await stock.close()
+    assert all(s.closed for s in kept[1:])
+    helper.fail = False
+    made = len(helper.made)
+    await stock.take("udp")  # closed: made on demand, nothing stocked any more
+    assert not _refills()
+    assert len(stock) == 0 and len(helper.made) == made + 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 from collections.abc import Callable
 
 #: How often the condition is looked at: short, so a test waits little past the moment.
@@ -10,10 +11,16 @@ POLL = 0.01
 
 
 async def until(check: Callable[[], object], what: str, timeout: float = 10) -> None:
-    """Returns as soon as ``check()`` is truthy; fails naming ``what`` after ``timeout``."""
+    """Returns as soon as ``check()`` is truthy (awaited first if it is awaitable, for a
+    check that must ask a server); fails naming ``what`` after ``timeout``."""
 
     async def poll() -> None:
-        while not check():
+        while True:
+            result = check()
+            if inspect.isawaitable(result):
+                result = await result
+            if result:
+                return
             await asyncio.sleep(POLL)
 
     try:
