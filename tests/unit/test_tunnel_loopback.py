@@ -38,7 +38,8 @@ class TcpForward:
         self.hung = False
 
     async def receive(self) -> bytes:
-        data = await self.reader.read(65536)
+        # As much as a direct link's read takes: several frames arrive together.
+        data = await self.reader.read(256 * 1024)
         while self.hung:
             await asyncio.Event().wait()
         return data
@@ -290,6 +291,10 @@ class _Collector:
 
     def stream_data(self, data: bytes) -> None:
         self.data += data
+
+    def stream_data_parts(self, parts: list[bytes]) -> None:
+        for data in parts:
+            self.data += data
 
     def stream_eof(self) -> None:
         self.eof.set()
