@@ -91,6 +91,9 @@ class TunnelStream:
         self._pending: deque[bytes | memoryview] = deque()
         self._pending_size = 0
         self._fin_pending = False
+        #: The owner is done both ways but bytes still wait for the peer's credit: the
+        #: stream is dropped once they and the FIN have gone.
+        self._finished = False
         self.closed = False
 
     @property
@@ -194,8 +197,16 @@ class TunnelStream:
             with contextlib.suppress(LocalProtocolError):
                 conn.close_stream(self.id)
         self.tunnel.flush()
-        if self.handler is not None:
+        if self._finished:
+            self._drop_if_sent()
+        elif self.handler is not None:
             self.handler.stream_writable()
+
+    def _drop_if_sent(self) -> None:
+        if self._pending or self._fin_pending:
+            return
+        self.closed = True
+        self.tunnel._forget(self.id)
 
 
 class Tunnel:
@@ -351,9 +362,12 @@ class Tunnel:
             self.connection_lost(f"peer closed the tunnel: {event.reason or event.code.name}")
 
     def stream_finished(self, stream: TunnelStream) -> None:
-        """Both directions are done; drop our reference."""
-        stream.closed = True
-        self._forget(stream.id)
+        """Both directions are done for the stream's owner; drop our reference once what
+        it wrote has left. Bytes still waiting for the peer's credit, and the FIN behind
+        them, are sent first: a server that answers a half-closed request and closes at
+        once must not lose the end of its answer."""
+        stream._finished = True
+        stream._drop_if_sent()
 
     def close(self, reason: str = "") -> None:
         if not self.closed:
