@@ -24,7 +24,6 @@ class Answer:
     def dial_result(self, error, message):
         self.result.set_result(None if error is None else message)
     def stream_data(self, data): pass
-    def stream_data_parts(self, parts): pass
     def stream_eof(self): pass
     def stream_reset(self): pass
     def stream_writable(self): pass

@@ -236,9 +236,6 @@ class _Ignore:
     def stream_data(self, data: bytes) -> None:
         pass
 
-    def stream_data_parts(self, parts: list[bytes]) -> None:
-        pass
-
     def stream_eof(self) -> None:
         pass
 

@@ -6,7 +6,6 @@ SO_ORIGINAL_DST is replaced, since no nftables redirect brings connections to it
 from __future__ import annotations
 
 import asyncio
-import os
 import socket
 import struct
 from collections.abc import AsyncIterator, Callable
@@ -91,34 +90,6 @@ async def test_a_tcp_flow_counts_its_bytes_and_leaves_the_book_when_done(laptop:
     assert await asyncio.wait_for(reader.read(), 10) == b""  # the echo server ended too
     assert laptop.book.snapshot() == {"flows": [], "flows_open": 0, "errors": []}
     writer.close()
-
-
-async def test_a_download_delivered_in_batches_arrives_whole_and_fully_counted(
-    laptop: Laptop, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    batches = []
-    deliver = proxy_module.ProxyFlow.stream_data_parts
-
-    def counting(flow: proxy_module.ProxyFlow, parts: list[bytes]) -> None:
-        batches.append(len(parts))
-        deliver(flow, parts)
-
-    monkeypatch.setattr(proxy_module.ProxyFlow, "stream_data_parts", counting)
-    payload = os.urandom(4 * 1024 * 1024)
-
-    async def send(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.write(payload)
-        await writer.drain()
-        writer.close()
-
-    server, port = await serve(send)
-    reader, writer = await laptop.connect(port)
-    assert await asyncio.wait_for(reader.readexactly(len(payload)), 20) == payload
-    assert batches and max(batches) > 1  # several frames went to the socket in one write
-    (flow,) = laptop.book.snapshot()["flows"]
-    assert flow["received"] == len(payload)
-    writer.close()
-    server.close()
 
 
 async def test_a_half_closed_flow_says_which_side_finished(laptop: Laptop) -> None:

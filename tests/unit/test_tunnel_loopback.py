@@ -38,8 +38,7 @@ class TcpForward:
         self.hung = False
 
     async def receive(self) -> bytes:
-        # As much as a direct link's read takes: several frames arrive together.
-        data = await self.reader.read(256 * 1024)
+        data = await self.reader.read(65536)
         while self.hung:
             await asyncio.Event().wait()
         return data
@@ -291,10 +290,6 @@ class _Collector:
 
     def stream_data(self, data: bytes) -> None:
         self.data += data
-
-    def stream_data_parts(self, parts: list[bytes]) -> None:
-        for data in parts:
-            self.data += data
 
     def stream_eof(self) -> None:
         self.eof.set()

@@ -93,10 +93,6 @@ class ProxyFlow(SocketFlow):
         self.record.received += len(data)
         SocketFlow.stream_data(self, data)
 
-    def stream_data_parts(self, parts: list[bytes]) -> None:
-        self.record.received += sum(map(len, parts))
-        SocketFlow.stream_data_parts(self, parts)
-
     def eof_received(self) -> bool:
         self.record.laptop_eof = True
         return super().eof_received()

@@ -100,10 +100,6 @@ class UdpFlow:
         if self.stream is not None:
             self.stream.consumed(len(data))
 
-    def stream_data_parts(self, parts: list[bytes]) -> None:
-        for data in parts:  # not called for UDP streams; each payload is a datagram
-            self.stream_data(data)
-
     def stream_eof(self) -> None:
         self.relay.drop(self.key)
 

@@ -137,10 +137,6 @@ class StreamBench:
         self.session.data(data)
         self.stream.consumed(len(data))
 
-    def stream_data_parts(self, parts: list[bytes]) -> None:
-        for data in parts:
-            self.stream_data(data)
-
     def stream_eof(self) -> None:
         self.session.eof()
 

@@ -48,10 +48,6 @@ class UdpDial(asyncio.DatagramProtocol):
             self.transport.sendto(data)
         self.stream.consumed(len(data))
 
-    def stream_data_parts(self, parts: list[bytes]) -> None:
-        for data in parts:  # not called for UDP streams; each payload is a datagram
-            self.stream_data(data)
-
     def stream_eof(self) -> None:
         self.stream_reset()
 

@@ -12,7 +12,7 @@ import contextlib
 import logging
 from collections import deque
 from collections.abc import Callable
-from typing import Protocol, cast
+from typing import Protocol
 
 from telepresence.tunnel.credit import ReceiveBudget
 from telepresence.tunnel.frames import (
@@ -32,7 +32,6 @@ from telepresence.tunnel.protocol import (
     DataReceived,
     DialFailed,
     DialSucceeded,
-    Event,
     LocalProtocolError,
     ProtocolError,
     Role,
@@ -64,11 +63,6 @@ class StreamHandler(Protocol):
     """What a stream's owner is told. Every method is called from the event loop."""
 
     def stream_data(self, data: bytes) -> None: ...
-    def stream_data_parts(self, parts: list[bytes]) -> None:
-        """Several DATA payloads of one TCP stream that arrived in one read, in order: a
-        socket takes them in one write (a 256 KiB read of the peer's arrives as four
-        64 KiB frames). Never called for UDP, whose payloads are datagrams."""
-
     def stream_eof(self) -> None: ...
     def stream_reset(self) -> None: ...
     def stream_writable(self) -> None: ...
@@ -273,43 +267,12 @@ class Tunnel:
             self.flush()
             self.connection_lost(f"protocol error: {e}")
             return
-        start, count = 0, len(events)
-        while start < count:
-            event = events[start]
-            end = start + 1
+        for event in events:
             try:
-                if isinstance(event, DataReceived):
-                    end = self._deliver_data(events, start)
-                else:
-                    self._dispatch(event)
+                self._dispatch(event)
             except Exception:
                 self._handler_failed(event)
-            start = end
         self.flush()
-
-    def _deliver_data(self, events: list[Event], start: int) -> int:
-        """Hands a TCP stream's consecutive DATA payloads over together; returns the index
-        of the first event not delivered."""
-        first = events[start]
-        assert isinstance(first, DataReceived)
-        stream = self.streams.get(first.stream_id)
-        end = start + 1
-        if stream is not None and stream.protocol is IPProtocol.TCP:
-            while end < len(events):
-                event = events[end]
-                if not isinstance(event, DataReceived) or event.stream_id != first.stream_id:
-                    break
-                end += 1
-        if stream is None or stream.handler is None:
-            for event in events[start:end]:
-                self.conn.consume(first.stream_id, len(cast(DataReceived, event).data))
-        elif end - start == 1:
-            stream.handler.stream_data(first.data)
-        else:
-            stream.handler.stream_data_parts(
-                [cast(DataReceived, event).data for event in events[start:end]]
-            )
-        return end
 
     def _handler_failed(self, event: object) -> None:
         """One flow's failure must not end the connection and every other flow on it:
@@ -324,7 +287,13 @@ class Tunnel:
                     stream.handler.stream_reset()
 
     def _dispatch(self, event: object) -> None:
-        if isinstance(event, WindowUpdated):
+        if isinstance(event, DataReceived):
+            stream = self.streams.get(event.stream_id)
+            if stream is not None and stream.handler is not None:
+                stream.handler.stream_data(event.data)
+            else:
+                self.conn.consume(event.stream_id, len(event.data))
+        elif isinstance(event, WindowUpdated):
             stream = self.streams.get(event.stream_id)
             if stream is not None:
                 stream._window_opened()

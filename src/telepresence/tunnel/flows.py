@@ -76,10 +76,10 @@ class SocketFlow(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # A stream transport; uvloop's does not subclass asyncio.Transport.
         self.transport = cast(asyncio.Transport, transport)
-        # TCP_NODELAY is set already: asyncio's and uvloop's TCP transports both set it.
         sock = transport.get_extra_info("socket")
         if sock is not None:
             with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, LOCAL_SEND_BUFFER)
         early, self._early = self._early, []
         for data in early:
@@ -131,26 +131,10 @@ class SocketFlow(asyncio.Protocol):
                 self.stream.consumed(len(data))
             return
         transport.write(data)
-        self._written(len(data))
-
-    def _written(self, size: int) -> None:
-        """``size`` bytes went to the socket: credit them to the peer, or hold the credit
-        back while the socket's buffer is full."""
-        assert self.transport is not None
-        if self._writing_paused or self.transport.get_write_buffer_size() > WRITE_BUFFER_LIMIT:
-            self._owed_credit += size
+        if self._writing_paused or transport.get_write_buffer_size() > WRITE_BUFFER_LIMIT:
+            self._owed_credit += len(data)
         elif self.stream is not None:
-            self.stream.consumed(size)
-
-    def stream_data_parts(self, parts: list[bytes]) -> None:
-        transport = self.transport
-        if transport is None or transport.is_closing():
-            for data in parts:
-                self.stream_data(data)
-            return
-        # One writev on uvloop; asyncio 3.11 joins them first, still one send.
-        transport.writelines(parts)
-        self._written(sum(map(len, parts)))
+            self.stream.consumed(len(data))
 
     def stream_eof(self) -> None:
         transport = self.transport
