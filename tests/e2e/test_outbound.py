@@ -211,6 +211,32 @@ def test_a_pod_by_its_ip_and_a_50mb_download_intact(
     assert out.split()[0] == hashlib.sha256(pattern_bytes(size)).hexdigest()
 
 
+#: A client that shuts down its sending side after the request (HTTP/1.0 clients, `nc -N`)
+#: and reads the answer to the end; prints its size and digest.
+HALF_CLOSED_GET = """
+import hashlib, socket, sys
+size = int(sys.argv[1])
+s = socket.create_connection(("echo.tp-alpha", 8080), timeout=30)
+s.sendall(b"GET /bytes/%d HTTP/1.0\\r\\nHost: echo\\r\\n\\r\\n" % size)
+s.shutdown(socket.SHUT_WR)
+data = bytearray()
+while chunk := s.recv(1 << 20):
+    data += chunk
+body = bytes(data).partition(b"\\r\\n\\r\\n")[2]
+print(len(body), hashlib.sha256(body).hexdigest())
+"""
+
+
+def test_a_half_closed_request_gets_its_whole_answer_and_its_end(
+    connected: Cluster, two_namespaces: dict[str, list[str]]
+) -> None:
+    # Both directions of the flow end while most of the answer still waits for the
+    # laptop's credit; the tunnel once dropped those bytes and the FIN, and this read hung.
+    for size in (1024 * 1024, 1024 * 1024 + 4321, 3 * 1024 * 1024):
+        out = connected.laptop("python3", "-c", HALF_CLOSED_GET, str(size), timeout=90).stdout
+        assert out.split() == [str(size), hashlib.sha256(pattern_bytes(size)).hexdigest()]
+
+
 def test_a_closed_port_is_refused_at_once(connected: Cluster) -> None:
     svc_ip = connected.get("service", "verylargejavaservice", "-n", "default")["spec"]["clusterIP"]
     started = time.monotonic()
