@@ -33,10 +33,6 @@ class FakeStream:
         self.accepted = True
 
     # What the dialled socket's flow calls once the test's server closes it.
-    @property
-    def tunnel(self) -> FakeStream:
-        return self
-
     def close(self) -> None:
         # The server closed; the laptop side finishes at once too, so nothing is left open.
         transport = getattr(self.handler, "transport", None)
@@ -46,7 +42,7 @@ class FakeStream:
     def reset(self) -> None:
         self.closed = True
 
-    def stream_finished(self, stream: object) -> None:
+    def finish(self) -> None:
         pass
 
 

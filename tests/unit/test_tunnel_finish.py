@@ -65,12 +65,19 @@ class Pair:
                 self.client.data_received(data)
 
 
-def test_an_answer_beyond_the_window_is_sent_whole_after_its_owner_finished() -> None:
+def opened() -> tuple[Pair, Receiver, TunnelStream]:
+    """A stream from the laptop, accepted: the pair, the laptop's handler, the far end."""
     pair = Pair()
     laptop = Receiver()
     laptop.stream = pair.client.open_stream(Dial(IPProtocol.TCP, "10.0.0.1", 80), laptop)
     pair.deliver()
     (far,) = pair.accepted
+    return pair, laptop, far
+
+
+def test_an_answer_beyond_the_window_is_sent_whole_after_its_owner_finished() -> None:
+    pair, laptop, far = opened()
+    assert laptop.stream is not None
     laptop.stream.close()  # the program half-closed after its request
     pair.deliver()
     answer = bytes(range(256)) * (3 * STREAM_INITIAL_WINDOW // 256)
@@ -78,7 +85,7 @@ def test_an_answer_beyond_the_window_is_sent_whole_after_its_owner_finished() ->
     # ways while two windows still wait for the laptop's credit.
     far.write(answer)
     far.close()
-    pair.server.stream_finished(far)
+    far.finish()
     assert far.buffered > 0
     pair.deliver()
     assert laptop.data == answer
@@ -87,14 +94,10 @@ def test_an_answer_beyond_the_window_is_sent_whole_after_its_owner_finished() ->
 
 
 def test_a_finished_stream_with_nothing_left_to_send_is_dropped_at_once() -> None:
-    pair = Pair()
-    laptop = Receiver()
-    laptop.stream = pair.client.open_stream(Dial(IPProtocol.TCP, "10.0.0.1", 80), laptop)
-    pair.deliver()
-    (far,) = pair.accepted
+    pair, laptop, far = opened()
     far.write(b"short")
     far.close()
-    pair.server.stream_finished(far)
+    far.finish()
     assert far.closed and far.id not in pair.server.streams
     pair.deliver()
     assert laptop.data == b"short" and laptop.eof

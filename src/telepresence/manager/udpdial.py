@@ -54,7 +54,7 @@ class UdpDial(asyncio.DatagramProtocol):
     def stream_reset(self) -> None:
         if self.transport is not None:
             self.transport.close()
-        self.stream.tunnel.stream_finished(self.stream)
+        self.stream.finish()
 
     def stream_writable(self) -> None:
         pass

@@ -180,6 +180,9 @@ class TunnelStream:
             except LocalProtocolError:
                 self._pending.clear()
                 self._pending_size = 0
+                self._fin_pending = False
+                if self._finished:
+                    self._drop_if_sent()
                 return
             self._pending_size -= taken
             if taken < len(head):
@@ -195,6 +198,14 @@ class TunnelStream:
             self._drop_if_sent()
         elif self.handler is not None:
             self.handler.stream_writable()
+
+    def finish(self) -> None:
+        """Both directions are done for the stream's owner; the tunnel drops the stream
+        once what it wrote has left. Bytes still waiting for the peer's credit, and the
+        FIN behind them, are sent first: a server that answers a half-closed request and
+        closes at once must not lose the end of its answer."""
+        self._finished = True
+        self._drop_if_sent()
 
     def _drop_if_sent(self) -> None:
         if self._pending or self._fin_pending:
@@ -329,14 +340,6 @@ class Tunnel:
                 self._on_control(event.message)
         elif isinstance(event, ConnectionClosed):
             self.connection_lost(f"peer closed the tunnel: {event.reason or event.code.name}")
-
-    def stream_finished(self, stream: TunnelStream) -> None:
-        """Both directions are done for the stream's owner; drop our reference once what
-        it wrote has left. Bytes still waiting for the peer's credit, and the FIN behind
-        them, are sent first: a server that answers a half-closed request and closes at
-        once must not lose the end of its answer."""
-        stream._finished = True
-        stream._drop_if_sent()
 
     def close(self, reason: str = "") -> None:
         if not self.closed:

@@ -183,6 +183,6 @@ class SocketFlow(asyncio.Protocol):
             return
         self._finished = True
         if self.stream is not None:
-            self.stream.tunnel.stream_finished(self.stream)
+            self.stream.finish()
         if self._on_done is not None:
             self._on_done(self)
